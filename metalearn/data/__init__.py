@@ -1,0 +1,7 @@
+"""Task samplers: few-shot episodes as :class:`TaskBatch` objects."""
+
+from metalearn.data.omniglot import OmniglotTasks
+from metalearn.data.sine import SineTasks
+from metalearn.data.task_batch import TaskBatch
+
+__all__ = ["OmniglotTasks", "SineTasks", "TaskBatch"]
