@@ -45,7 +45,9 @@ class TaskBatch:
         for f in fields(self):
             t = getattr(self, f.name)
             if not isinstance(t, torch.Tensor):
-                raise TypeError(f"TaskBatch.{f.name} must be a torch.Tensor, got {type(t).__name__}")
+                raise TypeError(
+                    f"TaskBatch.{f.name} must be a torch.Tensor, got {type(t).__name__}"
+                )
             if t.ndim < 2:
                 raise ValueError(
                     f"TaskBatch.{f.name} has shape {tuple(t.shape)}; expected a leading task "
