@@ -115,3 +115,18 @@ def test_adapt_accepts_one_task_or_a_batch():
     assert out_many.shape == (3, 10, 1)
     torch.testing.assert_close(out_many[1], out_one)
     assert not any(v.requires_grad for v in many.values())
+
+
+@pytest.mark.parametrize("cls", [MAML, Reptile])
+def test_trajectory_equals_separate_adaptations(cls):
+    torch.manual_seed(0)
+    learner = cls(MLP(), 0.01, 1)
+    batch = SineTasks(seed=1).sample(3)
+    path = learner.adapt(batch.support_x, batch.support_y, steps=4, trajectory=True)
+    assert len(path) == 5
+    for k in (0, 2, 4):
+        direct = learner.adapt(batch.support_x, batch.support_y, steps=k)
+        for name in direct:
+            torch.testing.assert_close(path[k][name], direct[name])
+    one = learner.adapt(batch.support_x[0], batch.support_y[0], steps=2, trajectory=True)
+    torch.testing.assert_close(one[2]["0.weight"], path[2]["0.weight"][0])

@@ -54,6 +54,7 @@ class MetaLearner:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
         self._num_outputs: int | None = None
+        self._record_trajectory = False
 
     # -- losses -------------------------------------------------------------------------
     def task_loss(
@@ -79,13 +80,18 @@ class MetaLearner:
         )
 
     def adapt(
-        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None
-    ) -> Params:
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        steps: int | None = None,
+        trajectory: bool = False,
+    ) -> Params | list[Params]:
         """Adapted ("fast") weights for one task or a batch of tasks.
 
         A batch has a leading task dimension: labels ``(B, n)`` or targets ``(B, n, d)``.
         One task's labels are ``(n,)`` or targets ``(n, d)``. The result is detached: use
-        it with :meth:`predict` for evaluation.
+        it with :meth:`predict` for evaluation. With ``trajectory=True`` the result is the
+        list of weights after 0, 1, ..., ``steps`` inner steps, from one run of the loop.
         """
         steps = self.inner_steps if steps is None else check_steps("steps", steps)
         batched = support_y.ndim == (2 if not support_y.dtype.is_floating_point else 3)
@@ -93,9 +99,25 @@ class MetaLearner:
             support_x, support_y = support_x.unsqueeze(0), support_y.unsqueeze(0)
         self._check_inputs(support_x, support_y, "support")
         params = self.fmodel.params()
-        with torch.no_grad():
-            fast = self._adapt_batch(params, support_x, support_y, steps)
-        return fast if batched else {k: v[0] for k, v in fast.items()}
+        self._record_trajectory = trajectory
+        try:
+            with torch.no_grad():
+                fast = self._adapt_batch(params, support_x, support_y, steps)
+        finally:
+            self._record_trajectory = False
+        if not trajectory:
+            return fast if batched else {k: v[0] for k, v in fast.items()}
+        path = [{k: v.expand(len(support_x), *v.shape).clone() for k, v in params.items()}]
+        path += fast
+        return path if batched else [{k: v[0] for k, v in f.items()} for f in path]
+
+    def _track(self, fast: Params, path: list[Params]) -> None:
+        """Inside the inner loop: remember ``fast`` when a trajectory was asked for."""
+        if self._record_trajectory:
+            path.append(fast)
+
+    def _finish(self, fast: Params, path: list[Params]) -> Params | list[Params]:
+        return path if self._record_trajectory else fast
 
     def predict(self, fast: Params, x: torch.Tensor) -> torch.Tensor:
         """Outputs for ``x`` under adapted weights from :meth:`adapt` (batched or not)."""

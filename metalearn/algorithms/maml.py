@@ -66,7 +66,7 @@ class MAML(MetaLearner):
 
     def _adapt_task(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int) -> Params:
         inner_grad = grad(self.inner_loss)
-        fast = params
+        fast, path = params, []
         for _ in range(steps):
             if self.first_order:
                 # The outer graph never sees the inner gradient: it is a constant shift.
@@ -75,7 +75,8 @@ class MAML(MetaLearner):
             else:
                 g = inner_grad(fast, x, y)
             fast = {k: fast[k] - self.inner_lr * g[k] for k in fast}
-        return fast
+            self._track(fast, path)
+        return self._finish(fast, path)
 
     def _task_query_loss(
         self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,

@@ -115,12 +115,13 @@ class Reptile(MetaLearner):
         b1, b2 = self.adam_betas
         m = {k: torch.zeros_like(v) for k, v in params.items()} if adam else None
         v2 = {k: torch.zeros_like(v) for k, v in params.items()} if adam else None
-        fast = params
+        fast, path = params, []
         for t in range(steps):
             xb, yb = (x, y) if batches is None else (x[batches[t]], y[batches[t]])
             g = inner_grad(fast, xb, yb)
             if not adam:
                 fast = {k: fast[k] - self.inner_lr * g[k] for k in fast}
+                self._track(fast, path)
                 continue
             new = {}
             for k in fast:
@@ -130,7 +131,8 @@ class Reptile(MetaLearner):
                 v_hat = v2[k] / (1 - b2 ** (t + 1))
                 new[k] = fast[k] - self.inner_lr * m_hat / (v_hat.sqrt() + self.adam_eps)
             fast = new
-        return fast
+            self._track(fast, path)
+        return self._finish(fast, path)
 
     def _adapt_batch(
         self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int
