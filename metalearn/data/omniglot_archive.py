@@ -134,9 +134,12 @@ def find_archives(root: str | os.PathLike | None = None) -> dict[str, Path]:
             missing.append(f"{name}.zip")
     if missing:
         places = "\n".join(f"  {d}" for d in data_dirs(root))
+        if not os.environ.get("METALEARN_DATA"):
+            places += "\n  ($METALEARN_DATA is not set)"
+        verb = "is" if len(missing) == 1 else "are"
         raise OmniglotNotFoundError(
-            f"Omniglot data not found: {', '.join(missing)} is in none of these folders:\n"
-            f"{places}\nTo get it, pass download=True (it downloads into the first folder), "
+            f"Omniglot data not found: {' and '.join(missing)} {verb} in none of these folders:"
+            f"\n{places}\nTo get it, pass download=True (it downloads into the first folder), "
             "or put images_background.zip and images_evaluation.zip in an omniglot/ folder and "
             "pass its parent as root= or set METALEARN_DATA to it."
         )
