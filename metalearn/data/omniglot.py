@@ -144,9 +144,10 @@ class OmniglotTasks:
             o = out[s : s + _ROWS_PER_CHUNK]
             # Gathering 784-byte rows as 98 int64 words is faster than as 784 uint8s.
             picked = self._rows64.index_select(0, flat[s : s + _ROWS_PER_CHUNK])
-            # uint8 -> float copy, then an in-place scale: both vectorised, unlike u8 * float.
+            # uint8 -> float copy, then an in-place divide: both vectorised, unlike u8 / 255.
+            # Divide, not multiply by 1/255, so values are exactly k/255 as in ToTensor.
             o.copy_(picked.view(torch.uint8))
-            o.mul_(1.0 / 255)
+            o.div_(255)
         return out.view(*rows.shape, 1, IMAGE_SIZE, IMAGE_SIZE)
 
     def _pick_classes(self, b: int) -> torch.Tensor:
