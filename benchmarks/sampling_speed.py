@@ -40,9 +40,13 @@ def episodes_per_second(tasks: OmniglotTasks, batch: int, repeats: int, seconds:
         for _ in range(calls):
             tasks.sample(batch)
         rates.append(batch * calls / (time.perf_counter() - t0))
-    return {"batch_size": batch, "calls_per_repeat": calls, "repeats": repeats,
-            "episodes_per_s_median": statistics.median(rates),
-            "episodes_per_s_all": [round(r) for r in rates]}
+    return {
+        "batch_size": batch,
+        "calls_per_repeat": calls,
+        "repeats": repeats,
+        "episodes_per_s_median": statistics.median(rates),
+        "episodes_per_s_all": [round(r) for r in rates],
+    }
 
 
 def fresh_memory_fill_gb_s(nbytes: int, repeats: int) -> float:
@@ -57,8 +61,13 @@ def fresh_memory_fill_gb_s(nbytes: int, repeats: int) -> float:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -75,8 +84,9 @@ def main() -> None:
     t0 = time.perf_counter()
     tasks = OmniglotTasks(split="train", ways=5, shots=1, queries=15, seed=0)
     setup_s = time.perf_counter() - t0
-    runs = [episodes_per_second(tasks, b, args.repeats, args.seconds)
-            for b in (32, args.large_batch)]
+    runs = [
+        episodes_per_second(tasks, b, args.repeats, args.seconds) for b in (32, args.large_batch)
+    ]
     episode_bytes = 5 * (1 + 15) * 28 * 28 * 4
     fill = fresh_memory_fill_gb_s(args.large_batch * episode_bytes, args.repeats)
     result = {
@@ -85,18 +95,26 @@ def main() -> None:
         "setup_s": setup_s,
         "fresh_memory_fill_gb_s": fill,
         "fresh_memory_ceiling_episodes_per_s": fill * 1e9 / episode_bytes,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
         "torch": torch.__version__,
         "git_commit": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     for r in runs:
-        print(f"batch {r['batch_size']:5d}: {r['episodes_per_s_median']:10,.0f} episodes/s "
-              f"(median of {r['repeats']})")
-    print(f"setup (load + rotation table): {setup_s:.2f} s; filling fresh memory: {fill:.2f} GB/s "
-          f"= at most {result['fresh_memory_ceiling_episodes_per_s']:,.0f} episodes/s")
+        print(
+            f"batch {r['batch_size']:5d}: {r['episodes_per_s_median']:10,.0f} episodes/s "
+            f"(median of {r['repeats']})"
+        )
+    print(
+        f"setup (load + rotation table): {setup_s:.2f} s; filling fresh memory: {fill:.2f} GB/s "
+        f"= at most {result['fresh_memory_ceiling_episodes_per_s']:,.0f} episodes/s"
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")

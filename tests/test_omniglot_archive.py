@@ -49,7 +49,8 @@ def test_decoded_images_are_the_pngs_in_path_order(omniglot_images, omniglot_zip
     assert ev[0] == "images_evaluation/Angelic/character01/0965_01.png"
     for char, drawing in [(0, 0), (0, 19), (500, 7), (963, 19), (964, 0), (1622, 19)]:
         zip_path, names, c = (
-            (omniglot_zips["images_background"], bg, char) if char < 964
+            (omniglot_zips["images_background"], bg, char)
+            if char < 964
             else (omniglot_zips["images_evaluation"], ev, char - 964)
         )
         expected = _reference_decode(zip_path, names[c * 20 + drawing])

@@ -70,8 +70,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_download_verify_rename_decode_end_to_end(server, nowhere, monkeypatch, omniglot_zips,
-                                                   omniglot_images):
+def test_download_verify_rename_decode_end_to_end(
+    server, nowhere, monkeypatch, omniglot_zips, omniglot_images
+):
     # The url argument wins over the environment (which points at a closed port).
     monkeypatch.setenv("METALEARN_OMNIGLOT_URL", "http://127.0.0.1:9/closed")
     dest = nowhere / "omniglot"
@@ -82,8 +83,10 @@ def test_download_verify_rename_decode_end_to_end(server, nowhere, monkeypatch, 
     for name, listing in server.snapshots:  # mid-transfer: only a temp file, no final name
         assert name not in listing
         assert any(f.startswith(f".{name}.") and f.endswith(".part") for f in listing), listing
-    assert sorted(p.name for p in dest.iterdir()) == ["images_background.zip",
-                                                      "images_evaluation.zip"]
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "images_background.zip",
+        "images_evaluation.zip",
+    ]
     for name, src in omniglot_zips.items():
         assert _sha256(dest / f"{name}.zip") == _sha256(src)
     # Decoded from the downloaded copies into the fresh cache: the second and last decode.

@@ -40,10 +40,12 @@ def test_batches_hold_the_drawn_images(tasks, omniglot_images, split, ways, shot
     assert x.min().item() == 0.0 and x.max().item() == 1.0
     assert torch.allclose(x * 255, (x * 255).round(), atol=1e-4)  # k/255 grey levels
     for b in range(4):
-        assert torch.equal(batch.support_x[b], _expected(omniglot_images, sampler, b, shots,
-                                                         slice(0, shots)))
-        assert torch.equal(batch.query_x[b], _expected(omniglot_images, sampler, b, queries,
-                                                       slice(shots, None)))
+        assert torch.equal(
+            batch.support_x[b], _expected(omniglot_images, sampler, b, shots, slice(0, shots))
+        )
+        assert torch.equal(
+            batch.query_x[b], _expected(omniglot_images, sampler, b, queries, slice(shots, None))
+        )
 
 
 @pytest.mark.parametrize("ways, split", [(5, "train"), (60, "test")])  # rejection / top-k path
@@ -160,8 +162,9 @@ BAD_ARGS = [
 
 
 @pytest.mark.parametrize("kwargs, exc, text", BAD_ARGS)
-def test_bad_arguments_fail_before_touching_files(kwargs, exc, text, tmp_path, monkeypatch,
-                                                 omniglot_cache):
+def test_bad_arguments_fail_before_touching_files(
+    kwargs, exc, text, tmp_path, monkeypatch, omniglot_cache
+):
     # No data anywhere: a check that ran after the data lookup would raise FileNotFoundError.
     monkeypatch.setenv("METALEARN_DATA", str(tmp_path / "none"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -12,7 +12,8 @@ ink, 0 is background (the PNGs are inverted, as the MAML reference does).
 Integrity is checked on the content, not on the zip bytes: the number of alphabets,
 characters and drawings, and a digest over the PNG files (sha256 of the lines
 ``f"{md5(png)}  {path}\\n"`` sorted by path, the ``find | sort | xargs md5sum | sha256sum``
-of an unzipped copy). A zip whose md5 is the canonical one is accepted without that scan.
+of an unzipped copy). :func:`verify_archive` accepts a zip whose md5 is the canonical one
+without that scan; decoding reads every PNG anyway, so it always checks the digest.
 """
 
 from __future__ import annotations
@@ -163,8 +164,10 @@ def _read_checked(path: Path, spec: ArchiveSpec) -> list[list[bytes]]:
             infos = zf.infolist()
             for info in infos:  # reject zip-slip names before reading anything
                 name = info.filename
-                if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or (
-                    ".." in PurePosixPath(name.replace("\\", "/")).parts
+                if (
+                    name.startswith(("/", "\\"))
+                    or re.match(r"[A-Za-z]:", name)
+                    or (".." in PurePosixPath(name.replace("\\", "/")).parts)
                 ):
                     raise _Bad(f"unsafe entry name {name!r} (absolute path or '..')")
             pngs = []
@@ -196,8 +199,14 @@ def _read_checked(path: Path, spec: ArchiveSpec) -> list[list[bytes]]:
                 for name in files:
                     out[-1].append(data := zf.read(name))  # zipfile checks each CRC
                     digest.update(f"{hashlib.md5(data).hexdigest()}  {name}\n".encode())
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError,
-            NotImplementedError) as e:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        NotImplementedError,
+    ) as e:
         raise _Bad(f"cannot be read as a zip ({type(e).__name__}: {e})") from e
     if digest.hexdigest() != spec.content_sha256:
         raise _Bad(
@@ -244,7 +253,10 @@ def _download_one(name: str, dest: Path, base_url: str, progress: bool) -> Path:
                     total = int(total) if total and total.isdigit() else None
                     done = 0
                     with tqdm(
-                        total=total, unit="B", unit_scale=True, desc=f"{name}.zip",
+                        total=total,
+                        unit="B",
+                        unit_scale=True,
+                        desc=f"{name}.zip",
                         disable=not progress,
                     ) as bar:
                         while chunk := resp.read(1 << 16):
@@ -358,15 +370,17 @@ def _load_or_decode(paths: dict[str, Path], progress: bool) -> np.ndarray:
                 f"{paths[name]} is not a good {name}.zip: {e}. {_fix_hint()}"
             ) from e
     array = np.empty(shape, dtype=np.uint8)
-    with tqdm(total=NUM_CHARACTERS * DRAWINGS, unit="img", desc="Decoding Omniglot",
-              disable=not progress) as bar:
+    with tqdm(
+        total=NUM_CHARACTERS * DRAWINGS, unit="img", desc="Decoding Omniglot", disable=not progress
+    ) as bar:
         _decode(pngs, array, bar)
     try:
         _atomic_save(array, target)
     except OSError as e:
         warnings.warn(
             f"could not write the Omniglot cache {target} ({e}); it will be decoded again next "
-            "time. Set METALEARN_CACHE to a writable directory.", stacklevel=3
+            "time. Set METALEARN_CACHE to a writable directory.",
+            stacklevel=3,
         )
     return array
 
@@ -395,8 +409,8 @@ def load_images(
 
     Example:
         >>> from metalearn.data.omniglot_archive import load_images
-        >>> images = load_images(progress=False)  # doctest: +SKIP
-        >>> tuple(images.shape), images.dtype  # doctest: +SKIP
+        >>> images = load_images(progress=False)
+        >>> tuple(images.shape), images.dtype
         ((1623, 20, 28, 28), torch.uint8)
     """
     paths = download_archives(root, url, progress) if download else find_archives(root)
