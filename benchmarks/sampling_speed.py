@@ -7,7 +7,10 @@ Prints the results and writes them to ``benchmarks/results/sampling_speed.json``
 
 Run (the data are found as by :class:`metalearn.data.OmniglotTasks`)::
 
-    METALEARN_DATA=/path/to/data python benchmarks/sampling_speed.py [--repeats 7]
+    METALEARN_DATA=/path/to/data python benchmarks/sampling_speed.py [--repeats 7] [--threads 1]
+
+Timings need an otherwise idle machine: with torch's default of one thread per core, a
+busy core stalls every parallel copy, and small batches slow down many times over.
 """
 
 from __future__ import annotations
@@ -79,7 +82,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.5, help="length of one repeat")
     parser.add_argument("--large-batch", type=int, default=1024)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     tasks = OmniglotTasks(split="train", ways=5, shots=1, queries=15, seed=0)
