@@ -2,6 +2,10 @@
 
 from metalearn.algorithms import FOMAML, MAML, Reptile
 from metalearn.data import TaskBatch
+from metalearn.evaluation import EvaluationResult, evaluate
+from metalearn.memory import memory_profile
+from metalearn.training import TrainResult, train
 
 __version__ = "0.1.0"
-__all__ = ["MAML", "FOMAML", "Reptile", "TaskBatch"]
+__all__ = ["MAML", "FOMAML", "Reptile", "TaskBatch", "train", "TrainResult", "evaluate",
+           "EvaluationResult", "memory_profile"]

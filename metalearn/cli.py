@@ -1,0 +1,258 @@
+"""The ``metalearn`` command: train, eval and bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from metalearn.config import ALGORITHMS, DATASETS, OUTER_OPTIMIZERS, SCHEDULES, TrainConfig
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2,4,8, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected integers >= 0 like 1,2,4,8, got {text!r}")
+    return values
+
+
+def _algorithm_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in ALGORITHMS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown algorithm(s) {unknown or text!r}; choose from {','.join(ALGORITHMS)}")
+    return names
+
+
+def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
+    g = p.add_argument_group("task")
+    g.add_argument("--dataset", choices=DATASETS, default="sine")
+    g.add_argument("--ways", type=_positive_int, default=5)
+    g.add_argument("--shots", type=_positive_int, help="support examples per class (per task "
+                   "for sine); default from the paper")
+    g.add_argument("--queries", type=_positive_int, help="query examples per class (per task "
+                   "for sine); default: as many as shots")
+    g.add_argument("--meta-batch", type=_positive_int, help="tasks per meta-iteration")
+    g.add_argument("--iterations", type=_positive_int, help=iterations_help)
+    g.add_argument("--data-root", help="folder holding omniglot/*.zip (default: "
+                   "$METALEARN_DATA, then ~/.cache/metalearn)")
+    a = p.add_argument_group("inner loop")
+    a.add_argument("--inner-lr", type=_positive_float)
+    a.add_argument("--inner-steps", type=_non_negative_int)
+    a.add_argument("--inner-batch", type=_positive_int, help="Reptile: examples per inner "
+                   "mini-batch (default: the whole support set)")
+    a.add_argument("--inner-optimizer", choices=("sgd", "adam"), help="Reptile's inner optimizer")
+    a.add_argument("--inner-flood", type=_non_negative_float, help="flood level b of the "
+                   "inner loss (0 = off)")
+    a.add_argument("--flood-mode", choices=("batch", "instance"), default="batch",
+                   help="batch = flooding (Ishida et al.), instance = iFlood (Xie et al.)")
+    a.add_argument("--outer-flood", type=_non_negative_float)
+    a.add_argument("--label-smoothing", type=_non_negative_float, default=0.0)
+    o = p.add_argument_group("outer loop")
+    o.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS)
+    o.add_argument("--outer-lr", type=_positive_float, help="meta learning rate (Reptile: the "
+                   "meta step size epsilon)")
+    o.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
+    o.add_argument("--schedule", choices=SCHEDULES, help="meta lr schedule (Reptile: linear)")
+    m = p.add_argument_group("model and run")
+    m.add_argument("--init", choices=("xavier", "he"), default="xavier")
+    m.add_argument("--dropout", type=_non_negative_float, default=0.0)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    m.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _config_from(args: argparse.Namespace, **extra) -> TrainConfig:
+    keys = ("dataset", "ways", "shots", "queries", "meta_batch", "iterations", "data_root",
+            "inner_lr", "inner_steps", "inner_batch", "inner_optimizer", "inner_flood",
+            "flood_mode", "outer_flood", "label_smoothing", "outer_optimizer", "outer_lr",
+            "weight_decay", "schedule", "init", "dropout", "seed", "device")
+    values = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    values.update(extra)
+    return TrainConfig(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metalearn", description="Meta-learning with MAML, FOMAML and Reptile.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tr = sub.add_parser("train", help="meta-train a model", description="Meta-train with "
+                        "the papers' defaults; validation, checkpoints and resume.")
+    tr.add_argument("--algorithm", choices=ALGORITHMS, default="maml")
+    _add_run_options(tr, "meta-iterations (default: the paper's schedule)")
+    tr.add_argument("--checkpoint", type=Path, help="checkpoint path (default: "
+                    "runs/<dataset>_<algorithm>.pt)")
+    tr.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    tr.add_argument("--val-every", type=_positive_int, default=500)
+    tr.add_argument("--val-tasks", type=_positive_int, default=100)
+    tr.add_argument("--patience", type=_positive_int, help="stop after this many validations "
+                    "without improvement")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint per inner-step count",
+                        description="Adaptation accuracy (or MSE) after 0..K inner steps, "
+                        "mean and 95%% CI over fixed test tasks.")
+    ev.add_argument("--checkpoint", type=Path, required=True)
+    ev.add_argument("--steps", type=_non_negative_int, default=10, help="K (default 10)")
+    ev.add_argument("--tasks", type=_positive_int, default=600)
+    ev.add_argument("--split", choices=("test", "val", "train"), default="test")
+    ev.add_argument("--non-transductive", action="store_true", help="predict each query with "
+                    "the support set only (Reptile's protocol)")
+    ev.add_argument("--seed", type=int, default=12345, help="seed of the test task set")
+    ev.add_argument("--data-root")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", type=Path, help="write the result as JSON")
+    ev.add_argument("--no-progress", action="store_true")
+
+    be = sub.add_parser("bench", help="compare MAML, FOMAML and Reptile",
+                        description="Short meta-training of each algorithm, then accuracy/MSE "
+                        "per inner step, memory per inner-step count and speed.")
+    be.add_argument("--algorithms", type=_algorithm_list, default=list(ALGORITHMS))
+    be.add_argument("--inner-steps-list", "--steps-list", dest="steps_list", type=_int_list,
+                    default=[1, 2, 4, 8], help="inner-step counts for the memory profile")
+    be.add_argument("--eval-steps", type=_non_negative_int, default=10)
+    be.add_argument("--tasks", type=_positive_int, default=600, help="test tasks")
+    be.add_argument("--full", action="store_true", help="the papers' full schedules")
+    be.add_argument("--out", type=Path, default=Path("bench_results.json"))
+    _add_run_options(be, "meta-iterations per algorithm (default 1000 for sine, 300 for "
+                     "omniglot; --full for the paper's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from metalearn.checkpoint import CheckpointError
+    from metalearn.data.omniglot_archive import OmniglotError
+
+    try:
+        if args.command == "train":
+            return _train(args, parser)
+        if args.command == "eval":
+            return _eval(args)
+        return _bench(args, parser)
+    except (FileNotFoundError, OmniglotError, CheckpointError) as err:
+        print(f"metalearn {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nmetalearn {args.command}: interrupted; checkpoints on disk are intact",
+              file=sys.stderr)
+        return 130
+
+
+def _train(args, parser) -> int:
+    from metalearn.training import NonFiniteError, train
+
+    try:
+        cfg = _config_from(args, val_every=args.val_every, val_tasks=args.val_tasks,
+                           patience=args.patience, algorithm=args.algorithm).resolved()
+    except ValueError as err:
+        parser.error(str(err))
+    ckpt = args.checkpoint or Path("runs") / f"{cfg.dataset}_{cfg.algorithm}.pt"
+    if args.resume and not ckpt.exists():
+        parser.error(f"--resume: no checkpoint at {ckpt}")
+    try:
+        result = train(cfg, checkpoint=ckpt, resume=args.resume, progress=not args.no_progress)
+    except NonFiniteError as err:
+        print(f"metalearn train: error: {err}", file=sys.stderr)
+        return 1
+    best = result.best or {}
+    print(f"trained {result.iteration} iterations; best validation {best.get('metric')} "
+          f"{best.get('value', float('nan')):.4f} at iteration {best.get('iteration')}"
+          f"{' (early stop)' if result.stopped_early else ''}")
+    print(f"checkpoint: {ckpt}  best: {ckpt.with_suffix('.best.pt')}  "
+          f"log: {ckpt.with_suffix('.jsonl')}")
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    import torch
+
+    from metalearn.checkpoint import CheckpointError, atomic_write, load_checkpoint
+    from metalearn.config import build_learner, build_model, build_sampler
+    from metalearn.evaluation import evaluate
+
+    state = load_checkpoint(args.checkpoint)
+    try:
+        cfg = TrainConfig.from_dict(state["config"])
+        cfg = TrainConfig(**{**cfg.to_dict(), "device": args.device,
+                             "data_root": args.data_root or cfg.data_root}).resolved()
+        model = build_model(cfg)
+        model.load_state_dict(state["model"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{args.checkpoint} does not hold a usable model: "
+                              f"{str(err).splitlines()[0]}") from None
+    model.to(args.device)
+    learner = build_learner(cfg, model, evaluation=True)
+    tasks = build_sampler(cfg, args.split, seed=args.seed, evaluation=True).sample(args.tasks)
+    result = evaluate(learner, tasks.to(torch.device(args.device)), max_steps=args.steps,
+                      transductive=not args.non_transductive, progress=not args.no_progress)
+    print(f"{cfg.algorithm} on {cfg.dataset} {args.split} split, {args.tasks} tasks, "
+          f"checkpoint iteration {state.get('iteration')}")
+    print(result)
+    if args.out:
+        payload = {"checkpoint": str(args.checkpoint), "config": cfg.to_dict(),
+                   **result.to_dict()}
+        atomic_write(args.out, lambda f: f.write(json.dumps(payload, indent=2).encode()))
+    return 0
+
+
+def _bench(args, parser) -> int:
+    from metalearn.bench import run_bench
+
+    base = _config_from(args)
+    try:
+        base.resolved()  # validate now; each algorithm then fills in its own paper defaults
+    except ValueError as err:
+        parser.error(str(err))
+    return run_bench(args, base)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

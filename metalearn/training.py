@@ -1,0 +1,214 @@
+"""The meta-training loop: sample, step, update, validate, checkpoint, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from metalearn.algorithms.base import MetaLearner
+from metalearn.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from metalearn.config import (
+    TrainConfig,
+    build_learner,
+    build_model,
+    build_optimizer,
+    build_sampler,
+    build_schedule,
+)
+from metalearn.evaluation import evaluate
+
+CHECKPOINT_FORMAT = 1
+# Settings that may differ between a run and its resumption.
+RESUMABLE_CHANGES = {"device", "data_root", "iterations", "patience"}
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the meta-gradient stopped being finite."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained model and learner, and the run's record."""
+
+    model: nn.Module
+    learner: MetaLearner
+    config: TrainConfig
+    iteration: int
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    stopped_early: bool = False
+
+
+def companion_paths(checkpoint: Path) -> tuple[Path, Path]:
+    """The best-model file and the JSON-lines log that live beside a checkpoint."""
+    return checkpoint.with_suffix(".best.pt"), checkpoint.with_suffix(".jsonl")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _check_finite(it: int, metrics: dict, model: nn.Module) -> None:
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            bad.append(f"grad of {name}")
+    if bad:
+        raise NonFiniteError(
+            f"non-finite {', '.join(bad)} at iteration {it}; the last good checkpoint is kept. "
+            "Lower the learning rates, or check the flood level and the data."
+        )
+
+
+def _config_mismatch(saved: dict, current: dict) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current))
+            if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log_every: int = 50,
+    **overrides,
+) -> TrainResult:
+    """Meta-train a model as configured, with validation, checkpoints and early stopping.
+
+    Args:
+        config: the run's :class:`~metalearn.config.TrainConfig`; ``overrides`` replace
+            its fields (``train(dataset="sine", iterations=100)`` works without one).
+        checkpoint: path of the latest-state checkpoint, written atomically at every
+            validation; the best model goes to ``<stem>.best.pt`` and a JSON-lines log to
+            ``<stem>.jsonl`` beside it. ``None`` writes nothing.
+        resume: continue from ``checkpoint`` (model, optimiser, schedule, iteration,
+            sampler and RNG states), so the result equals an uninterrupted run.
+        progress: show a tqdm progress bar.
+        log_every: iterations between log records.
+
+    Example:
+        >>> import metalearn
+        >>> result = metalearn.train(dataset="sine", iterations=20, val_every=10,
+        ...                          val_tasks=10, progress=False)
+        >>> result.iteration, sorted(result.best)
+        (20, ['ci95', 'iteration', 'metric', 'value'])
+    """
+    cfg = dataclasses.replace(config or TrainConfig(), **overrides).resolved()
+    device = torch.device(cfg.device)
+    _seed_everything(cfg.seed)
+    model = build_model(cfg).to(device)
+    learner = build_learner(cfg, model)
+    eval_learner = build_learner(cfg, model, evaluation=True)
+    optimizer = build_optimizer(cfg, model.parameters())
+    schedule = build_schedule(cfg, optimizer)
+    sampler = build_sampler(cfg, "train", seed=cfg.seed)
+    # A fixed validation set: the same tasks at every validation and on resume.
+    val_tasks = build_sampler(cfg, "val", seed=cfg.seed + 1_000_003, evaluation=True).sample(
+        cfg.val_tasks).to(device)
+    higher_is_better = cfg.dataset != "sine"
+
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    best_path, log_path = companion_paths(ckpt) if ckpt else (None, None)
+    start, best, stale = 0, None, 0
+    if resume:
+        if ckpt is None:
+            raise ValueError("resume=True needs a checkpoint path")
+        state = load_checkpoint(ckpt)
+        mismatch = _config_mismatch(state.get("config", {}), cfg.to_dict())
+        if mismatch:
+            raise CheckpointError(f"checkpoint {ckpt} was written by a different run:\n  "
+                                  + "\n  ".join(mismatch))
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            sampler.load_state_dict(state["sampler"])
+            set_rng_state(state["rng"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {ckpt} does not fit this model/config: "
+                                  f"{str(err).splitlines()[0]}") from None
+        start, best, stale = state["iteration"], state.get("best"), state.get("stale", 0)
+
+    def write_checkpoint(it: int) -> None:
+        if ckpt is None:
+            return
+        save_checkpoint(ckpt, {
+            "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "iteration": it,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "sampler": sampler.state_dict(),
+            "rng": rng_state(), "best": best, "stale": stale,
+        })
+
+    log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in finally
+    history: list[dict] = []
+
+    def log(record: dict) -> None:
+        history.append(record)
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, dynamic_ncols=True,
+               desc=f"{cfg.algorithm} {cfg.dataset}")
+    stopped_early, it = False, start
+    t0 = time.perf_counter()
+    try:
+        model.train()
+        for it in range(start + 1, cfg.iterations + 1):
+            optimizer.zero_grad(set_to_none=True)
+            metrics = learner.step(sampler.sample(cfg.meta_batch).to(device))
+            _check_finite(it, metrics, model)
+            optimizer.step()
+            schedule.step()
+            bar.update(1)
+            if it % log_every == 0 or it == cfg.iterations:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
+                log({"iteration": it, "split": "train", **metrics,
+                     "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - t0})
+            if it % cfg.val_every == 0 or it == cfg.iterations:
+                result = evaluate(eval_learner, val_tasks, max_steps=cfg.eval_steps,
+                                  progress=False)
+                model.train()
+                value, ci = result.mean[-1], result.ci95[-1]
+                log({"iteration": it, "split": "val", result.metric: value, "ci95": ci,
+                     "steps": cfg.eval_steps})
+                improved = best is None or (value > best["value"] if higher_is_better
+                                            else value < best["value"])
+                if improved:
+                    best = {"iteration": it, "metric": result.metric, "value": value, "ci95": ci}
+                    stale = 0
+                    if best_path:
+                        save_checkpoint(best_path, {
+                            "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(),
+                            "iteration": it, "model": model.state_dict(), "best": best})
+                else:
+                    stale += 1
+                write_checkpoint(it)
+                if cfg.patience is not None and stale >= cfg.patience:
+                    stopped_early = True
+                    break
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+    return TrainResult(model, learner, cfg, it, history, best, stopped_early)

@@ -1,0 +1,100 @@
+"""The metalearn command: help, exit codes, train/eval/bench end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from metalearn.cli import main
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "metalearn", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=600,
+                          env={**os.environ, "MPLBACKEND": "Agg"})
+
+
+@pytest.mark.parametrize("sub", ["train", "eval", "bench"])
+def test_help_on_every_subcommand(sub, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([sub, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: metalearn " + sub in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--algorithm", "mamal"], "invalid choice: 'mamal'"),
+    (["train", "--ways", "0"], "must be >= 1, got 0"),
+    (["train", "--inner-lr", "-0.1"], "must be a finite number > 0"),
+    (["train", "--inner-steps", "-1"], "must be >= 0, got -1"),
+    (["train", "--shots", "two"], "expected an integer, got 'two'"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["bench", "--algorithms", "maml,foo"], "unknown algorithm(s) ['foo']"),
+    (["bench", "--inner-steps-list", "1,x"], "expected integers"),
+    (["eval"], "the following arguments are required: --checkpoint"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_bad_flags_exit_2_with_usage(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: metalearn" in err and message in err and "Traceback" not in err
+
+
+def test_missing_dataset_gives_the_data_location_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("METALEARN_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code = main(["train", "--dataset", "omniglot", "--data-root", str(tmp_path / "nothing"),
+                 "--iterations", "1", "--checkpoint", str(tmp_path / "c.pt")])
+    err = capsys.readouterr().err
+    assert code == 1 and "download=True" in err and str(tmp_path / "nothing") in err
+
+
+def test_resume_without_checkpoint_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--resume", "--checkpoint", str(tmp_path / "none.pt")])
+    assert exit_info.value.code == 2
+
+
+def test_train_then_eval_end_to_end(tmp_path):
+    ckpt = tmp_path / "s.pt"
+    r = run_cli("train", "--iterations", "40", "--val-every", "20", "--val-tasks", "10",
+                "--checkpoint", str(ckpt), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "trained 40 iterations" in r.stdout
+    r = run_cli("train", "--iterations", "60", "--val-every", "20", "--val-tasks", "10",
+                "--checkpoint", str(ckpt), "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr and "trained 60 iterations" in r.stdout
+    out = tmp_path / "eval.json"
+    r = run_cli("eval", "--checkpoint", str(ckpt.with_suffix(".best.pt")), "--steps", "3",
+                "--tasks", "50", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["metric"] == "mse" and len(result["mean"]) == 4 and len(result["ci95"]) == 4
+
+
+def test_eval_of_a_corrupt_checkpoint_exits_1_without_traceback(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    r = run_cli("eval", "--checkpoint", str(bad))
+    assert r.returncode == 1 and "corrupt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_runs_end_to_end_on_sine(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "--iterations", "20", "--tasks", "20", "--eval-steps", "2",
+                "--inner-steps-list", "1,2", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    payload = json.loads(out.read_text())
+    assert {"commit", "machine", "torch", "command"} <= set(payload["header"])
+    rows = payload["records"]
+    assert {(x["algorithm"], x["inner_steps"]) for x in rows} == {
+        (a, k) for a in ("maml", "fomaml", "reptile") for k in (1, 2)}
+    for x in rows:
+        assert {"mse", "ci95", "saved_bytes", "cuda_peak_bytes", "seconds_per_iteration"} <= set(x)
+        assert x["cuda_peak_bytes"] is None
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "algorithm" in r.stdout and "maml" in r.stdout

@@ -1,0 +1,145 @@
+"""The training loop: validation, best checkpoint, early stopping, resume, atomic saves."""
+
+import json
+
+import pytest
+import torch
+
+import metalearn
+from metalearn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metalearn.config import TrainConfig, build_schedule
+from metalearn.training import NonFiniteError, train
+
+FAST = dict(dataset="sine", iterations=30, val_every=10, val_tasks=20, meta_batch=5)
+
+
+def params_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_train_learns_sine_and_writes_checkpoint_best_and_log(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    result = train(progress=False, checkpoint=ckpt, **{**FAST, "iterations": 300,
+                                                        "val_every": 100})
+    vals = [r for r in result.history if r["split"] == "val"]
+    assert [r["iteration"] for r in vals] == [100, 200, 300]
+    assert vals[-1]["mse"] < vals[0]["mse"]
+    assert ckpt.exists() and ckpt.with_suffix(".best.pt").exists()
+    lines = [json.loads(x) for x in ckpt.with_suffix(".jsonl").read_text().splitlines()]
+    assert {r["split"] for r in lines} == {"train", "val"}
+    state = load_checkpoint(ckpt)
+    assert state["iteration"] == 300 and state["config"]["inner_lr"] == 0.01
+    best = load_checkpoint(ckpt.with_suffix(".best.pt"))
+    assert best["best"]["value"] == min(r["mse"] for r in vals)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    full = train(progress=False, checkpoint=tmp_path / "a.pt", **FAST)
+    train(progress=False, checkpoint=tmp_path / "b.pt", **{**FAST, "iterations": 20})
+    resumed = train(progress=False, checkpoint=tmp_path / "b.pt", resume=True, **FAST)
+    assert resumed.iteration == 30
+    a, b = params_of(full.model), params_of(resumed.model)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+
+
+def test_resume_with_reptile_and_its_minibatch_rng(tmp_path):
+    # Constant schedule: a shorter first run would otherwise anneal the meta step faster.
+    cfg = dict(FAST, algorithm="reptile", inner_batch=5, schedule="constant")
+    full = train(progress=False, checkpoint=tmp_path / "a.pt", **cfg)
+    train(progress=False, checkpoint=tmp_path / "b.pt", **{**cfg, "iterations": 10})
+    resumed = train(progress=False, checkpoint=tmp_path / "b.pt", resume=True, **cfg)
+    for n, p in params_of(full.model).items():
+        torch.testing.assert_close(p, params_of(resumed.model)[n], rtol=0, atol=0)
+
+
+def test_resume_from_a_different_config_is_refused(tmp_path):
+    train(progress=False, checkpoint=tmp_path / "a.pt", **{**FAST, "iterations": 10})
+    with pytest.raises(CheckpointError, match="inner_lr: checkpoint 0.01 vs now 0.05"):
+        train(progress=False, checkpoint=tmp_path / "a.pt", resume=True, inner_lr=0.05, **FAST)
+
+
+def test_corrupt_and_truncated_checkpoints_give_clear_errors(tmp_path):
+    train(progress=False, checkpoint=tmp_path / "a.pt", **{**FAST, "iterations": 10})
+    data = (tmp_path / "a.pt").read_bytes()
+    (tmp_path / "t.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or not a metalearn checkpoint"):
+        load_checkpoint(tmp_path / "t.pt")
+    (tmp_path / "g.pt").write_bytes(b"garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "g.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoints_never_execute_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "payload": Evil()}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_atomic_save_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"format": 1, "x": torch.ones(2)})
+
+    class Boom:
+        pass
+
+    with pytest.raises(Exception):
+        save_checkpoint(path, {"format": 1, "x": Boom()})
+    assert torch.equal(load_checkpoint(path)["x"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left
+
+
+def test_early_stopping_with_patience():
+    # A learning rate so small that validation cannot improve after the first check.
+    result = train(progress=False, **{**FAST, "iterations": 200, "outer_lr": 1e-12,
+                                      "patience": 2})
+    assert result.stopped_early
+    assert result.iteration == 30
+
+
+def test_non_finite_loss_stops_with_the_iteration(tmp_path):
+    with pytest.raises(NonFiniteError, match="at iteration"):
+        train(progress=False, **{**FAST, "inner_lr": 1e30, "inner_steps": 3})
+
+
+def test_outer_optimizers_and_schedules():
+    for name in ("sgd", "momentum", "adagrad", "adam"):
+        result = train(progress=False, **{**FAST, "iterations": 5, "val_every": 5,
+                                          "outer_optimizer": name, "weight_decay": 1e-4})
+        assert result.iteration == 5
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = build_schedule(TrainConfig(iterations=10, schedule="linear").resolved(), opt)
+    lrs = []
+    for _ in range(10):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs[0] == pytest.approx(0.9) and lrs[-1] == pytest.approx(0.0)
+
+
+def test_config_defaults_follow_the_papers_and_bad_values_are_named():
+    o = TrainConfig(dataset="omniglot").resolved()
+    assert (o.meta_batch, o.inner_lr, o.inner_steps, o.outer_optimizer, o.outer_lr) == \
+        (32, 0.4, 1, "adam", 1e-3)
+    s = TrainConfig().resolved()
+    assert (s.inner_lr, s.meta_batch) == (0.01, 25)
+    r = TrainConfig(dataset="omniglot", algorithm="reptile").resolved()
+    assert (r.inner_optimizer, r.inner_batch, r.schedule, r.meta_batch) == \
+        ("adam", 10, "linear", 5)
+    with pytest.raises(ValueError, match="unknown algorithm 'mamal'"):
+        TrainConfig(algorithm="mamal").resolved()
+    with pytest.raises(ValueError, match="ways must be an integer >= 1"):
+        TrainConfig(ways=0).resolved()
+    with pytest.raises(ValueError, match="outer_lr must be a finite number > 0"):
+        TrainConfig(outer_lr=-1.0).resolved()
+
+
+def test_train_is_exported_at_top_level():
+    assert metalearn.train is train
