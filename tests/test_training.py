@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import metalearn
-from metalearn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metalearn.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from metalearn.config import TrainConfig, build_schedule
 from metalearn.training import NonFiniteError, train
 
@@ -87,11 +87,12 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint(path, {"format": 1, "x": torch.ones(2)})
 
-    class Boom:
-        pass
+    def failing_write(f):
+        f.write(b"partial")
+        raise OSError("disk full")
 
-    with pytest.raises(Exception):
-        save_checkpoint(path, {"format": 1, "x": Boom()})
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, failing_write)
     assert torch.equal(load_checkpoint(path)["x"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left
 
