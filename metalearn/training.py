@@ -159,6 +159,8 @@ def train(
             "rng": rng_state(), "best": best, "stale": stale,
         })
 
+    if ckpt is not None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in finally
     history: list[dict] = []
 

@@ -18,7 +18,7 @@ def params_of(model):
 
 
 def test_train_learns_sine_and_writes_checkpoint_best_and_log(tmp_path):
-    ckpt = tmp_path / "run.pt"
+    ckpt = tmp_path / "new" / "folder" / "run.pt"  # folders are created
     result = train(progress=False, checkpoint=ckpt, **{**FAST, "iterations": 300,
                                                         "val_every": 100})
     vals = [r for r in result.history if r["split"] == "val"]
