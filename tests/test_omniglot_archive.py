@@ -202,8 +202,9 @@ BAD = {
 
 @pytest.mark.parametrize("kind", list(BAD))
 def test_bad_archive_is_rejected_and_nothing_is_written(
-    kind, tmp_path, omniglot_zips, omniglot_cache
+    kind, tmp_path, monkeypatch, omniglot_zips, omniglot_cache
 ):
+    monkeypatch.setenv("METALEARN_DATA", str(tmp_path / "none"))  # only the bad copy is found
     data = tmp_path / "data" / "omniglot"
     data.mkdir(parents=True)
     (data / "images_background.zip").symlink_to(omniglot_zips["images_background"])

@@ -102,7 +102,8 @@ def data_dirs(root: str | os.PathLike | None = None) -> list[Path]:
     bases = [root, os.environ.get("METALEARN_DATA") or None, Path.home() / ".cache" / "metalearn"]
     dirs: list[Path] = []
     for base in bases:
-        if base is not None and (d := Path(base).expanduser() / "omniglot") not in dirs:
+        # Absolute, so messages name real places even for a relative $METALEARN_DATA.
+        if base is not None and (d := Path(base).expanduser().absolute() / "omniglot") not in dirs:
             dirs.append(d)
     return dirs
 
@@ -276,6 +277,7 @@ def _download_one(name: str, dest: Path, base_url: str, progress: bool) -> Path:
                 )
             f.flush()
             os.fsync(f.fileno())
+        tmp.chmod(0o644)  # mkstemp makes it private; the data may be shared
         try:
             verify_archive(tmp, name)
         except OmniglotIntegrityError as e:
@@ -337,6 +339,7 @@ def _atomic_save(array: np.ndarray, path: Path) -> None:
             np.save(f, array, allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; the cache may be shared
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
