@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from metalearn.algorithms.base import MetaLearner
 from metalearn.checkpoint import (
     CheckpointError,
+    atomic_write,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -31,6 +32,7 @@ from metalearn.config import (
     build_sampler,
     build_schedule,
 )
+from metalearn.distributed import DistContext
 from metalearn.evaluation import evaluate
 
 CHECKPOINT_FORMAT = 1
@@ -84,6 +86,15 @@ def _config_mismatch(saved: dict, current: dict) -> list[str]:
             if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
 
 
+def _trim_log(path: Path, iteration: int) -> None:
+    """Drop log records past ``iteration``: a resumed run writes them again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["iteration"] <= iteration]
+    atomic_write(path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
+
+
 def train(
     config: TrainConfig | None = None,
     *,
@@ -114,10 +125,15 @@ def train(
         (20, ['ci95', 'iteration', 'metric', 'value'])
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides).resolved()
-    device = torch.device(cfg.device)
+    ctx = DistContext.from_env(cfg.device)
+    device = ctx.device
     _seed_everything(cfg.seed)
     model = build_model(cfg).to(device)
     learner = build_learner(cfg, model)
+    # Reptile's mini-batch draws get their own stream, so validation cannot shift them.
+    learner_rng = torch.Generator().manual_seed(cfg.seed + 17)
+    if hasattr(learner, "generator"):
+        learner.generator = learner_rng
     eval_learner = build_learner(cfg, model, evaluation=True)
     optimizer = build_optimizer(cfg, model.parameters())
     schedule = build_schedule(cfg, optimizer)
@@ -129,6 +145,8 @@ def train(
 
     ckpt = Path(checkpoint) if checkpoint is not None else None
     best_path, log_path = companion_paths(ckpt) if ckpt else (None, None)
+    if not ctx.is_main:  # only rank 0 writes
+        best_path = log_path = None
     start, best, stale = 0, None, 0
     if resume:
         if ckpt is None:
@@ -144,22 +162,26 @@ def train(
             schedule.load_state_dict(state["schedule"])
             sampler.load_state_dict(state["sampler"])
             set_rng_state(state["rng"])
+            learner_rng.set_state(state["learner_rng"])
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"checkpoint {ckpt} does not fit this model/config: "
                                   f"{str(err).splitlines()[0]}") from None
         start, best, stale = state["iteration"], state.get("best"), state.get("stale", 0)
+        if log_path is not None:
+            _trim_log(log_path, start)
 
     def write_checkpoint(it: int) -> None:
-        if ckpt is None:
+        if ckpt is None or not ctx.is_main:
             return
         save_checkpoint(ckpt, {
             "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "iteration": it,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "sampler": sampler.state_dict(),
-            "rng": rng_state(), "best": best, "stale": stale,
+            "rng": rng_state(), "learner_rng": learner_rng.get_state(), "best": best,
+            "stale": stale,
         })
 
-    if ckpt is not None:
+    if ckpt is not None and ctx.is_main:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in finally
     history: list[dict] = []
@@ -170,7 +192,12 @@ def train(
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
-    bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, dynamic_ncols=True,
+    offset, count = ctx.shard(cfg.meta_batch)
+    weight = count / cfg.meta_batch
+    if hasattr(learner, "shard") and ctx.world_size > 1:
+        learner.shard = (offset, cfg.meta_batch)
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not (progress and ctx.is_main),
+               dynamic_ncols=True,
                desc=f"{cfg.algorithm} {cfg.dataset}")
     stopped_early, it = False, start
     t0 = time.perf_counter()
@@ -178,7 +205,10 @@ def train(
         model.train()
         for it in range(start + 1, cfg.iterations + 1):
             optimizer.zero_grad(set_to_none=True)
-            metrics = learner.step(sampler.sample(cfg.meta_batch).to(device))
+            batch = sampler.sample(cfg.meta_batch)[offset: offset + count]
+            metrics = learner.step(batch.to(device))
+            ctx.reduce_gradients(model, weight)
+            metrics = ctx.reduce_metrics(metrics, weight)
             _check_finite(it, metrics, model)
             optimizer.step()
             schedule.step()

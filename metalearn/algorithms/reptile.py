@@ -58,6 +58,11 @@ class Reptile(MetaLearner):
         inner_flood, flood_mode, label_smoothing: as for :class:`~metalearn.MAML`.
         generator: random source of the mini-batches (default: torch's global one).
 
+    Attributes:
+        shard: ``(offset, total)`` when ``step`` sees tasks ``offset…`` of a meta-batch of
+            ``total`` split across processes: the mini-batch draws are made for the whole
+            meta-batch and sliced, so they match a single-process run exactly.
+
     Example:
         >>> import torch
         >>> from metalearn import Reptile
@@ -105,6 +110,7 @@ class Reptile(MetaLearner):
         self.sampling = sampling
         self.adam_betas, self.adam_eps = (b1, b2), adam_eps
         self.generator = generator
+        self.shard: tuple[int, int] | None = None
 
     def _adapt_task(
         self, params: Params, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor | None
@@ -135,7 +141,8 @@ class Reptile(MetaLearner):
         return self._finish(fast, path)
 
     def _adapt_batch(
-        self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int
+        self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int,
+        shard: tuple[int, int] | None = None,
     ) -> Params:
         size = support_x.shape[1]
         batch = self.inner_batch
@@ -149,7 +156,9 @@ class Reptile(MetaLearner):
             return vmap(self._adapt_task, in_dims=(None, 0, 0, None), randomness="different")(
                 params, support_x, support_y, None
             )
-        idx = minibatch_indices(len(support_x), size, batch, steps, self.sampling, self.generator)
+        offset, total = shard or (0, len(support_x))
+        idx = minibatch_indices(total, size, batch, steps, self.sampling, self.generator)
+        idx = idx[offset: offset + len(support_x)]
         return vmap(self._adapt_task, in_dims=(None, 0, 0, 0), randomness="different")(
             params, support_x, support_y, idx.to(support_x.device)
         )
@@ -159,7 +168,8 @@ class Reptile(MetaLearner):
         self._check_batch(batch)
         params = self.fmodel.params()
         with torch.no_grad():
-            fast = self._adapt_batch(params, batch.support_x, batch.support_y, self.inner_steps)
+            fast = self._adapt_batch(params, batch.support_x, batch.support_y, self.inner_steps,
+                                     self.shard)
             self._accumulate({k: params[k] - fast[k].mean(0) for k in params})
             out = vmap(self.fmodel, randomness="different")(fast, batch.query_x)
             flat_out, flat_y = out.flatten(0, 1), batch.query_y.flatten(0, 1)
