@@ -53,9 +53,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for bad bytes; all mean "corrupt"
+        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a metalearn checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); delete it or start without --resume"
+            f"{reason}); delete it or start without --resume"
         ) from None
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"{path} is not a metalearn checkpoint (no 'format' key)")

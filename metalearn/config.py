@@ -119,6 +119,17 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.dataset == "omniglot":
+            for shots, queries, which in ((self.shots, self.queries, ""),
+                                          (self.eval_shots, self.eval_queries, "eval_")):
+                if shots + queries > 20:
+                    raise ValueError(
+                        f"{which}shots + {which}queries = {shots} + {queries} = "
+                        f"{shots + queries}, but each Omniglot character has only 20 drawings; "
+                        "lower them")
+            if self.ways > 100:
+                raise ValueError(f"ways={self.ways} exceeds the 100 classes of the Omniglot "
+                                 "validation split; use ways <= 100")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 (or unset), got {self.patience}")
 

@@ -31,6 +31,8 @@ def test_help_on_every_subcommand(sub, capsys):
     (["train", "--inner-steps", "-1"], "must be >= 0, got -1"),
     (["train", "--shots", "two"], "expected an integer, got 'two'"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "--dataset", "omniglot", "--shots", "10", "--queries", "15"],
+     "only 20 drawings"),
     (["bench", "--algorithms", "maml,foo"], "unknown algorithm(s) ['foo']"),
     (["bench", "--inner-steps-list", "1,x"], "expected integers"),
     (["eval"], "the following arguments are required: --checkpoint"),

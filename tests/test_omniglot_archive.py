@@ -93,7 +93,7 @@ def test_memo_then_disk_cache_serve_without_decoding(omniglot_images, monkeypatc
     assert again is not omniglot_images and torch.equal(again, omniglot_images)
 
 
-def test_search_order_root_then_env_then_home(tmp_path, monkeypatch, omniglot_zips):
+def test_search_order_root_alone_else_env_then_home(tmp_path, monkeypatch, omniglot_zips):
     dirs = {k: tmp_path / k for k in ("root", "env", "home/.cache/metalearn")}
     for d in dirs.values():
         (d / "omniglot").mkdir(parents=True)
@@ -107,10 +107,15 @@ def test_search_order_root_then_env_then_home(tmp_path, monkeypatch, omniglot_zi
     monkeypatch.delenv("METALEARN_DATA")
     assert oa.find_archives()[bg] == dirs["home/.cache/metalearn"] / "omniglot" / f"{bg}.zip"
     # Each zip is taken from the first place holding it.
-    (dirs["root"] / "omniglot" / "images_evaluation.zip").unlink()
-    found = oa.find_archives(dirs["root"])
-    assert found[bg].parent == dirs["root"] / "omniglot"
+    (dirs["env"] / "omniglot" / "images_evaluation.zip").unlink()
+    monkeypatch.setenv("METALEARN_DATA", str(dirs["env"]))
+    found = oa.find_archives()
+    assert found[bg].parent == dirs["env"] / "omniglot"
     assert found["images_evaluation"].parent == dirs["home/.cache/metalearn"] / "omniglot"
+    # An explicit root is searched alone: a wrong one is an error, not a silent fall-back.
+    (dirs["root"] / "omniglot" / "images_evaluation.zip").unlink()
+    with pytest.raises(oa.OmniglotNotFoundError, match="images_evaluation.zip is in none"):
+        oa.find_archives(dirs["root"])
 
 
 def test_missing_data_lists_every_place_and_writes_nothing(tmp_path, monkeypatch, omniglot_cache):
@@ -118,12 +123,15 @@ def test_missing_data_lists_every_place_and_writes_nothing(tmp_path, monkeypatch
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     before = _listing(tmp_path, omniglot_cache)
     with pytest.raises(FileNotFoundError) as err:
-        OmniglotTasks(root=tmp_path / "root", progress=False)
+        OmniglotTasks(progress=False)
     assert isinstance(err.value, oa.OmniglotNotFoundError)
     msg = str(err.value)
-    for place in ("root", "env", "home/.cache/metalearn"):
+    for place in ("env", "home/.cache/metalearn"):
         assert str(tmp_path / place / "omniglot") in msg
     assert "download=True" in msg and "METALEARN_DATA" in msg and "root=" in msg
+    with pytest.raises(FileNotFoundError) as err:
+        OmniglotTasks(root=tmp_path / "root", progress=False)
+    assert str(tmp_path / "root" / "omniglot") in str(err.value)
     assert _listing(tmp_path, omniglot_cache) == before
 
 

@@ -98,8 +98,11 @@ class _Bad(Exception):
 
 
 def data_dirs(root: str | os.PathLike | None = None) -> list[Path]:
-    """The ``omniglot/`` folders searched, in order: ``root``, ``$METALEARN_DATA``, ``~/.cache``."""
-    bases = [root, os.environ.get("METALEARN_DATA") or None, Path.home() / ".cache" / "metalearn"]
+    """The ``omniglot/`` folders searched: ``root`` alone if given (a wrong root is an error,
+    not a silent fall-back), else ``$METALEARN_DATA``, then ``~/.cache/metalearn``."""
+    if root is not None:
+        return [Path(root).expanduser().absolute() / "omniglot"]
+    bases = [os.environ.get("METALEARN_DATA") or None, Path.home() / ".cache" / "metalearn"]
     dirs: list[Path] = []
     for base in bases:
         # Absolute, so messages name real places even for a relative $METALEARN_DATA.
@@ -136,7 +139,7 @@ def find_archives(root: str | os.PathLike | None = None) -> dict[str, Path]:
             missing.append(f"{name}.zip")
     if missing:
         places = "\n".join(f"  {d}" for d in data_dirs(root))
-        if not os.environ.get("METALEARN_DATA"):
+        if root is None and not os.environ.get("METALEARN_DATA"):
             places += "\n  ($METALEARN_DATA is not set)"
         verb = "is" if len(missing) == 1 else "are"
         raise OmniglotNotFoundError(
