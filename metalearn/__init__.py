@@ -1,6 +1,6 @@
 """metalearn: MAML and its variants, batched over tasks."""
 
-from metalearn.algorithms import FOMAML, MAML, Reptile
+from metalearn.algorithms import ANIL, FOMAML, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile
 from metalearn.data import TaskBatch
 from metalearn.evaluation import EvaluationResult, evaluate
 from metalearn.memory import memory_profile
@@ -9,3 +9,4 @@ from metalearn.training import TrainResult, train
 __version__ = "0.1.0"
 __all__ = ["MAML", "FOMAML", "Reptile", "TaskBatch", "train", "TrainResult", "evaluate",
            "EvaluationResult", "memory_profile"]
+__all__ += ["MetaSGD", "ANIL", "MAMLPlusPlus", "IMAML"]

@@ -1,0 +1,257 @@
+"""MAML++ (Antoniou, Edwards and Storkey 2019): MAML with the fixes that stabilise it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import grad, vmap
+
+from metalearn.algorithms.base import check_steps
+from metalearn.algorithms.functional_model import Params
+from metalearn.algorithms.losses import accuracy, flooded_mean, per_example_loss
+from metalearn.algorithms.maml import MAML
+from metalearn.algorithms.meta_sgd import LearnedState, param_key
+from metalearn.data.task_batch import TaskBatch
+
+
+def msl_weights(steps: int, iteration: int, anneal_iterations: int) -> list[float]:
+    """Weights of the query losses after inner steps 1..``steps`` in the multi-step loss.
+
+    The reference code's schedule with the epoch count replaced by the fraction
+    ``t = iteration / anneal_iterations``: every non-final weight is ``max((1 - t) / N,
+    0.03 / N)``, the final one ``min((1 + t (N - 1)) / N, 1 - 0.03 (N - 1) / N)``, so the
+    weights start uniform and anneal towards the last step. From ``anneal_iterations`` on,
+    only the final loss counts (weight 1), as in the reference code.
+
+    Example:
+        >>> from metalearn.algorithms.maml_plus_plus import msl_weights
+        >>> msl_weights(4, 0, 100), msl_weights(4, 100, 100)
+        ([0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 1.0])
+    """
+    if steps == 0:
+        return []
+    if iteration >= anneal_iterations:
+        return [0.0] * (steps - 1) + [1.0]
+    t, floor = iteration / anneal_iterations, 0.03 / steps
+    last = min((1.0 + t * (steps - 1)) / steps, 1.0 - (steps - 1) * floor)
+    return [max((1.0 - t) / steps, floor)] * (steps - 1) + [last]
+
+
+def batch_norm_parameters(model: nn.Module) -> tuple[str, ...]:
+    """Names of the trainable affine weights and biases of the model's BatchNorm layers."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    names = []
+    for prefix, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            names += [f"{prefix}.{n}" if prefix else n for n in ("weight", "bias")]
+    return tuple(n for n in names if n in trainable)
+
+
+class MAMLPlusPlus(LearnedState, MAML):
+    """MAML++: MAML with each of the paper's ingredients switchable on its own.
+
+    * ``lslr``: per-layer, per-step learnable inner learning rates (one scalar per
+      parameter tensor and inner step, initialised to ``inner_lr``).
+    * ``multi_step_loss``: the outer loss is the weighted sum of the query losses after
+      every inner step, annealed towards the last step over ``msl_iterations``
+      (:func:`msl_weights`); afterwards only the last step counts.
+    * ``first_order_iterations``: derivative-order annealing; first order while
+      ``learner.iteration < first_order_iterations``, then second order.
+    * ``per_step_bn``: BatchNorm weights and biases per inner step (step ``k``'s support
+      forward and the query forward after update ``k`` use row ``k``). They are learned
+      in the outer loop only, not adapted in the inner loop, as in the reference code;
+      the model's own BatchNorm affine parameters are then unused.
+    * Cosine annealing of the meta learning rate is the training loop's
+      ``schedule="cosine"`` (``--schedule cosine``).
+
+    The per-step tensors have ``max(inner_steps, 1)`` rows; adapting for more steps (as
+    evaluation may) reuses the last row. ``learner.iteration`` counts :meth:`step` calls
+    and is part of :meth:`state_dict`, so annealing resumes where it stopped. With every
+    ingredient off this is exactly :class:`MAML`. Optimise ``learner.meta_parameters()``
+    and checkpoint ``learner.state_dict()`` beside the model.
+
+    Args:
+        model: any ``nn.Module``.
+        inner_lr: the inner learning rate (the LSLR rates' initial value).
+        inner_steps: inner steps during meta-training (the paper uses 5).
+        first_order: always first order (overrides the annealing).
+        lslr: learn per-layer, per-step inner learning rates.
+        multi_step_loss: use the annealed multi-step loss.
+        msl_iterations: iterations over which the multi-step loss anneals (the reference
+            code: 10 epochs of 500 iterations).
+        first_order_iterations: iterations trained first order before switching to second
+            order (0: second order from the start).
+        per_step_bn: per-step BatchNorm weights and biases.
+        inner_flood, flood_mode, outer_flood, label_smoothing: as for :class:`MAML`.
+
+    Example:
+        >>> import torch
+        >>> from metalearn import MAMLPlusPlus
+        >>> from metalearn.data import SineTasks
+        >>> from metalearn.models import MLP
+        >>> learner = MAMLPlusPlus(MLP(), inner_lr=0.01, inner_steps=3, msl_iterations=100)
+        >>> opt = torch.optim.Adam(learner.meta_parameters(), lr=1e-3)
+        >>> for _ in range(2):
+        ...     opt.zero_grad()
+        ...     metrics = learner.step(SineTasks(seed=0).sample(4))
+        ...     opt.step()
+        >>> learner.iteration, tuple(learner.learned.lrs["0-weight"].shape)
+        (2, (3,))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float,
+        inner_steps: int,
+        first_order: bool = False,
+        lslr: bool = True,
+        multi_step_loss: bool = True,
+        msl_iterations: int = 5000,
+        first_order_iterations: int = 0,
+        per_step_bn: bool = True,
+        inner_flood: float | None = None,
+        flood_mode: str = "batch",
+        outer_flood: float | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(model, inner_lr, inner_steps, first_order, inner_flood, flood_mode,
+                         outer_flood, label_smoothing)
+        if check_steps("msl_iterations", msl_iterations) < 1:
+            raise ValueError(f"msl_iterations must be >= 1, got {msl_iterations}")
+        self.first_order_iterations = check_steps("first_order_iterations",
+                                                  first_order_iterations)
+        self.lslr, self.multi_step_loss, self.per_step_bn = lslr, multi_step_loss, per_step_bn
+        self.msl_iterations = msl_iterations
+        params = self.fmodel.params()
+        self.bn_names = batch_norm_parameters(model) if per_step_bn else ()
+        rows = max(self.inner_steps, 1)
+        learned = nn.Module()
+        learned.lrs = nn.ParameterDict({
+            param_key(n): nn.Parameter(torch.full((rows,), self.inner_lr, dtype=p.dtype,
+                                                  device=p.device))
+            for n, p in params.items() if lslr and n not in self.bn_names
+        })
+        learned.bn = nn.ParameterDict({
+            param_key(n): nn.Parameter(params[n].detach().expand(rows, -1).clone())
+            for n in self.bn_names
+        })
+        learned.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.learned = learned
+
+    @property
+    def iteration(self) -> int:
+        """Meta-iterations taken so far (:meth:`step` calls); drives the annealing."""
+        return int(self.learned.iteration)
+
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        self.learned.iteration.fill_(check_steps("iteration", value))
+
+    # -- the inner loop -----------------------------------------------------------------
+    def _lr(self, name: str, k: int) -> torch.Tensor | float:
+        if not self.lslr:
+            return self.inner_lr
+        table = self.learned.lrs[param_key(name)]
+        return table[min(k, len(table) - 1)]
+
+    def _bn_at(self, k: int) -> Params:
+        rows = {n: self.learned.bn[param_key(n)] for n in self.bn_names}
+        return {n: t[min(k, len(t) - 1)] for n, t in rows.items()}
+
+    def _support_loss(self, adapted: Params, bn: Params, x: torch.Tensor,
+                      y: torch.Tensor) -> torch.Tensor:
+        return self.inner_loss({**adapted, **bn}, x, y)
+
+    def _loop(
+        self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, first_order: bool,
+        after_step: Callable[[int, Params], None] | None = None,
+    ) -> tuple[Params, list[Params]]:
+        """Adapt one task; ``after_step(k, fast)`` sees the weights after update ``k``."""
+        order = list(params)
+        adapted = {n: v for n, v in params.items() if n not in self.bn_names}
+        path = []
+        for k in range(steps):
+            bn = self._bn_at(k)
+            if first_order:
+                with torch.no_grad():
+                    g = grad(self._support_loss)(adapted, bn, x, y)
+            else:
+                g = grad(self._support_loss)(adapted, bn, x, y)
+            adapted = {n: adapted[n] - self._lr(n, k) * g[n] for n in adapted}
+            merged = {**adapted, **bn}
+            fast = {n: merged[n] for n in order}
+            self._track(fast, path)
+            if after_step is not None:
+                after_step(k, fast)
+        fast = {**adapted, **self._bn_at(max(steps - 1, 0))}
+        return {n: fast[n] for n in order}, path
+
+    def _adapt_task(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int) -> Params:
+        fast, path = self._loop(params, x, y, steps, self.first_order)
+        return self._finish(fast, path)
+
+    def adapt(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None,
+        trajectory: bool = False,
+    ) -> Params | list[Params]:
+        out = super().adapt(support_x, support_y, steps, trajectory)
+        if trajectory and self.bn_names:
+            # Before any update the weights are theta with step 0's BatchNorm row.
+            with torch.no_grad():
+                for n, row in self._bn_at(0).items():
+                    out[0][n] = row.expand_as(out[0][n]).clone()
+        return out
+
+    # -- the outer objective ------------------------------------------------------------
+    def _query(self, fast: Params, x: torch.Tensor, y: torch.Tensor):
+        out = self.fmodel(fast, x)
+        loss = flooded_mean(per_example_loss(out, y, self.label_smoothing), self.outer_flood,
+                            self.flood_mode)
+        return loss, (accuracy(out, y) if not y.dtype.is_floating_point else loss.detach())
+
+    def _task_objective(self, params: Params, sx: torch.Tensor, sy: torch.Tensor,
+                        qx: torch.Tensor, qy: torch.Tensor):
+        weights, terms = self._weights, []
+
+        def score(k: int, fast: Params) -> None:
+            if weights[k] != 0.0:
+                terms.append((weights[k], *self._query(fast, qx, qy)))
+
+        fast, _ = self._loop(params, sx, sy, self.inner_steps, self._first_order_now, score)
+        if not terms:  # no inner steps: the query loss at theta
+            terms = [(1.0, *self._query(fast, qx, qy))]
+        objective = sum(w * loss for w, loss, _ in terms)
+        return objective, terms[-1][1].detach(), terms[-1][2]
+
+    def _meta_terms(self, batch: TaskBatch) -> tuple[torch.Tensor, ...]:
+        self._check_batch(batch)
+        self._check_learned()
+        steps, it = self.inner_steps, self.iteration
+        on = self.multi_step_loss
+        self._weights = msl_weights(steps, it, self.msl_iterations) if on else \
+            [0.0] * max(steps - 1, 0) + [1.0]
+        self._first_order_now = self.first_order or it < self.first_order_iterations
+        objective, final, metric = vmap(
+            self._task_objective, in_dims=(None, 0, 0, 0, 0), randomness="different"
+        )(self.fmodel.params(), batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        return objective.mean(), final.mean(), metric
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (multi-step) outer objective with its graph, and the per-task final metric."""
+        objective, _, metric = self._meta_terms(batch)
+        return objective, metric
+
+    def step(self, batch: TaskBatch) -> dict[str, float]:
+        """Accumulate the meta-gradient into ``.grad`` of :meth:`meta_parameters`, advance
+        ``iteration``; ``loss`` is the final step's query loss, ``objective`` the
+        differentiated (multi-step) loss."""
+        objective, final, metric = self._meta_terms(batch)
+        objective.backward()
+        self.iteration = self.iteration + 1
+        metrics = {"loss": final.item(), "objective": objective.item()}
+        if batch.is_classification:
+            metrics["accuracy"] = metric.mean().item()
+        return metrics
