@@ -98,6 +98,27 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
                    "meta step size epsilon)")
     o.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
     o.add_argument("--schedule", choices=SCHEDULES, help="meta lr schedule (Reptile: linear)")
+    v = p.add_argument_group("MAML variants (each option applies only to its algorithm)")
+    v.add_argument("--first-order", action="store_true", default=None, help="metasgd, anil, "
+                   "mamlpp: first-order meta-gradient")
+    v.add_argument("--anil-inner", help="anil: comma-separated names or prefixes of the "
+                   "parameters the inner loop adapts (default: the last layer's)")
+    v.add_argument("--imaml-lambda", type=_positive_float, help="imaml: proximal strength "
+                   "lambda (default 1.0)")
+    v.add_argument("--cg-steps", type=_non_negative_int, help="imaml: conjugate-gradient "
+                   "steps (default 5; 0 = first order)")
+    v.add_argument("--lslr", action=argparse.BooleanOptionalAction, help="mamlpp: per-layer "
+                   "per-step learnable inner lrs (default on)")
+    v.add_argument("--msl", dest="multi_step_loss", action=argparse.BooleanOptionalAction,
+                   help="mamlpp: multi-step loss (default on)")
+    v.add_argument("--msl-iterations", type=_positive_int, help="mamlpp: iterations over "
+                   "which the multi-step loss anneals to the last step (default 5000)")
+    v.add_argument("--first-order-iterations", type=_non_negative_int, help="mamlpp: "
+                   "derivative-order annealing, first order for this many iterations "
+                   "(default 0)")
+    v.add_argument("--per-step-bn", action=argparse.BooleanOptionalAction, help="mamlpp: "
+                   "per-step BatchNorm weights and biases (default on). MAML++'s cosine "
+                   "meta-lr annealing is --schedule cosine")
     m = p.add_argument_group("model and run")
     m.add_argument("--init", choices=("xavier", "he"), default="xavier")
     m.add_argument("--dropout", type=_non_negative_float, default=0.0)
@@ -111,6 +132,8 @@ def _config_from(args: argparse.Namespace, **extra) -> TrainConfig:
             "inner_lr", "inner_steps", "inner_batch", "inner_optimizer", "inner_flood",
             "flood_mode", "outer_flood", "label_smoothing", "outer_optimizer", "outer_lr",
             "weight_decay", "schedule", "init", "dropout", "seed", "device")
+    keys += ("first_order", "anil_inner", "imaml_lambda", "cg_steps", "lslr", "multi_step_loss",
+             "msl_iterations", "first_order_iterations", "per_step_bn")
     values = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     values.update(extra)
     return TrainConfig(**values)
@@ -151,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="compare MAML, FOMAML and Reptile",
                         description="Short meta-training of each algorithm, then accuracy/MSE "
                         "per inner step, memory per inner-step count and speed.")
-    be.add_argument("--algorithms", type=_algorithm_list, default=list(ALGORITHMS))
+    be.add_argument("--algorithms", type=_algorithm_list, default=["maml", "fomaml", "reptile"],
+                    help=f"comma-separated, from {','.join(ALGORITHMS)} (default: "
+                    "maml,fomaml,reptile)")
     be.add_argument("--inner-steps-list", "--steps-list", dest="steps_list", type=_int_list,
                     default=[1, 2, 4, 8], help="inner-step counts for the memory profile")
     be.add_argument("--eval-steps", type=_non_negative_int, default=10)
@@ -230,6 +255,12 @@ def _eval(args) -> int:
                               f"{str(err).splitlines()[0]}") from None
     model.to(args.device)
     learner = build_learner(cfg, model, evaluation=True)
+    if "learner" in state and hasattr(learner, "load_state_dict"):
+        try:  # Meta-SGD's / MAML++'s learned inner learning rates (and BN rows)
+            learner.load_state_dict(state["learner"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{args.checkpoint} holds learner state that does not fit: "
+                                  f"{str(err).splitlines()[0]}") from None
     tasks = build_sampler(cfg, args.split, seed=args.seed, evaluation=True).sample(args.tasks)
     result = evaluate(learner, tasks.to(torch.device(args.device)), max_steps=args.steps,
                       transductive=not args.non_transductive, progress=not args.no_progress)

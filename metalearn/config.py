@@ -8,14 +8,27 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from metalearn.algorithms import FOMAML, MAML, Reptile
+from metalearn.algorithms import ANIL, FOMAML, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile
 from metalearn.algorithms.base import MetaLearner
 from metalearn.models import MLP, Conv4
 
 DATASETS = ("sine", "omniglot")
-ALGORITHMS = ("maml", "fomaml", "reptile")
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mamlpp", "imaml")
 OUTER_OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
+
+# Options of the MAML variants, filled in only for the algorithm that uses them (so configs
+# of other algorithms, and checkpoints written before these existed, are unchanged). The
+# variants otherwise take MAML's defaults. MAML++ (Antoniou et al. 2019): the reference code
+# anneals the multi-step loss over 10 epochs of 500 iterations; its cosine meta-lr anneal is
+# ``schedule="cosine"``. iMAML (Rajeswaran et al. 2019): the reference code's lam and CG steps.
+VARIANT_DEFAULTS: dict[str, dict] = {
+    "metasgd": dict(first_order=False),
+    "anil": dict(first_order=False),
+    "mamlpp": dict(first_order=False, lslr=True, multi_step_loss=True, msl_iterations=5000,
+                   first_order_iterations=0, per_step_bn=True),
+    "imaml": dict(imaml_lambda=1.0, cg_steps=5),
+}
 
 # The papers' settings: MAML (Finn et al. 2017) and Reptile (Nichol et al. 2018).
 PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
@@ -76,6 +89,16 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     data_root: str | None = None
+    # MAML variants (see VARIANT_DEFAULTS; ignored by the other algorithms).
+    first_order: bool | None = None
+    anil_inner: str | None = None
+    imaml_lambda: float | None = None
+    cg_steps: int | None = None
+    lslr: bool | None = None
+    multi_step_loss: bool | None = None
+    msl_iterations: int | None = None
+    first_order_iterations: int | None = None
+    per_step_bn: bool | None = None
 
     def resolved(self) -> TrainConfig:
         """A copy with the paper defaults filled in and every value checked."""
@@ -86,6 +109,9 @@ class TrainConfig:
         family = "reptile" if self.algorithm == "reptile" else "maml"
         values = asdict(self)
         for key, value in PAPER_DEFAULTS[(self.dataset, family)].items():
+            if values.get(key) is None:
+                values[key] = value
+        for key, value in VARIANT_DEFAULTS.get(self.algorithm, {}).items():
             if values.get(key) is None:
                 values[key] = value
         values["inner_optimizer"] = values["inner_optimizer"] or "sgd"
@@ -132,6 +158,17 @@ class TrainConfig:
                                  "validation split; use ways <= 100")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 (or unset), got {self.patience}")
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        if self.imaml_lambda is not None and not (math.isfinite(self.imaml_lambda)
+                                                  and self.imaml_lambda > 0):
+            raise ValueError(f"imaml_lambda must be a finite number > 0, got {self.imaml_lambda}")
+        for name, low in (("cg_steps", 0), ("msl_iterations", 1), ("first_order_iterations", 0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,16 +189,47 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     return Conv4(ways=cfg.ways, init=cfg.init, dropout=cfg.dropout)
 
 
-def build_learner(cfg: TrainConfig, model: nn.Module, evaluation: bool = False) -> MetaLearner:
-    """The configured algorithm around ``model``; ``evaluation`` uses the eval inner batch."""
+def build_learner(cfg: TrainConfig, model: nn.Module, evaluation: bool = False,
+                  share: MetaLearner | None = None) -> MetaLearner:
+    """The configured algorithm around ``model``; ``evaluation`` uses the eval inner batch.
+
+    ``share``: a learner built from the same config whose learned inner-loop state
+    (Meta-SGD's and MAML++'s ``learned`` module) the new learner uses, the same tensors.
+    Pass the training learner when building its evaluation learner.
+    """
     common = dict(inner_flood=cfg.inner_flood, flood_mode=cfg.flood_mode,
                   label_smoothing=cfg.label_smoothing)
     if cfg.algorithm == "reptile":
         batch = cfg.eval_inner_batch if evaluation else cfg.inner_batch
         return Reptile(model, cfg.inner_lr, cfg.inner_steps, inner_batch=batch,
                        inner_optimizer=cfg.inner_optimizer, **common)
+    variant = _build_variant(cfg, model, dict(common, outer_flood=cfg.outer_flood))
+    if variant is not None:
+        if share is not None and hasattr(share, "learned"):
+            if share.model is not model:
+                raise ValueError("share= must be a learner of the same model")
+            variant.learned = share.learned
+        return variant
     cls = FOMAML if cfg.algorithm == "fomaml" else MAML
     return cls(model, cfg.inner_lr, cfg.inner_steps, outer_flood=cfg.outer_flood, **common)
+
+
+def _build_variant(cfg: TrainConfig, model: nn.Module, common: dict) -> MetaLearner | None:
+    lr, steps = cfg.inner_lr, cfg.inner_steps
+    if cfg.algorithm == "metasgd":
+        return MetaSGD(model, lr, steps, first_order=cfg.first_order, **common)
+    if cfg.algorithm == "anil":
+        inner = [n.strip() for n in cfg.anil_inner.split(",")] if cfg.anil_inner else None
+        return ANIL(model, lr, steps, inner_params=inner, first_order=cfg.first_order, **common)
+    if cfg.algorithm == "mamlpp":
+        return MAMLPlusPlus(model, lr, steps, first_order=cfg.first_order, lslr=cfg.lslr,
+                            multi_step_loss=cfg.multi_step_loss,
+                            msl_iterations=cfg.msl_iterations,
+                            first_order_iterations=cfg.first_order_iterations,
+                            per_step_bn=cfg.per_step_bn, **common)
+    if cfg.algorithm == "imaml":
+        return IMAML(model, lr, steps, lam=cfg.imaml_lambda, cg_steps=cfg.cg_steps, **common)
+    return None
 
 
 def build_sampler(cfg: TrainConfig, split: str, seed: int, evaluation: bool = False):
