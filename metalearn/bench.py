@@ -71,12 +71,13 @@ def run_bench(args, base: TrainConfig) -> int:
         train_seconds = time.perf_counter() - t0
 
         tasks = build_sampler(cfg, "test", seed=TEST_SEED, evaluation=True).sample(args.tasks)
-        eval_learner = build_learner(cfg, result.model, evaluation=True)
+        eval_learner = build_learner(cfg, result.model, evaluation=True, share=result.learner)
         ev = evaluate(eval_learner, tasks.to(device), max_steps=args.eval_steps,
                       progress=not args.no_progress)
         curves[algorithm] = ev.to_dict()
 
         batch = build_sampler(cfg, "train", seed=cfg.seed + 7).sample(cfg.meta_batch).to(device)
+        # A fresh learner: profiling steps it, which must not touch the trained one's state.
         profile = memory_profile(build_learner(cfg, result.model), batch,
                                  inner_steps=args.steps_list)
         for row in profile:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 @dataclass
@@ -55,11 +55,11 @@ class DistContext:
         count = base + (self.rank < extra)
         return self.rank * base + min(self.rank, extra), count
 
-    def reduce_gradients(self, model: nn.Module, weight: float) -> None:
+    def reduce_gradients(self, params: Iterable[torch.Tensor], weight: float) -> None:
         """Turn each rank's mean over its tasks into the mean over the whole meta-batch."""
         if self.world_size == 1:
             return
-        for p in model.parameters():
+        for p in params:
             if p.grad is not None:
                 p.grad.mul_(weight)
                 dist.all_reduce(p.grad)

@@ -68,9 +68,18 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _check_finite(it: int, metrics: dict, model: nn.Module) -> None:
+def _meta_parameters(learner: MetaLearner) -> dict[str, nn.Parameter]:
+    """What the outer optimiser updates: the model, plus learned inner-loop state if any
+    (Meta-SGD's and MAML++'s learning rates)."""
+    named = {n: p for n, p in learner.model.named_parameters() if p.requires_grad}
+    if hasattr(learner, "learned"):
+        named.update({f"learned.{n}": p for n, p in learner.learned.named_parameters()})
+    return named
+
+
+def _check_finite(it: int, metrics: dict, params: dict[str, nn.Parameter]) -> None:
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-    for name, p in model.named_parameters():
+    for name, p in params.items():
         if p.grad is not None and not torch.isfinite(p.grad).all():
             bad.append(f"grad of {name}")
     if bad:
@@ -78,6 +87,10 @@ def _check_finite(it: int, metrics: dict, model: nn.Module) -> None:
             f"non-finite {', '.join(bad)} at iteration {it}; the last good checkpoint is kept. "
             "Lower the learning rates, or check the flood level and the data."
         )
+
+
+def _learner_state(learner: MetaLearner) -> dict:
+    return learner.state_dict() if hasattr(learner, "learned") else {}
 
 
 def _config_mismatch(saved: dict, current: dict) -> list[str]:
@@ -134,8 +147,10 @@ def train(
     learner_rng = torch.Generator().manual_seed(cfg.seed + 17)
     if hasattr(learner, "generator"):
         learner.generator = learner_rng
-    eval_learner = build_learner(cfg, model, evaluation=True)
-    optimizer = build_optimizer(cfg, model.parameters())
+    # The evaluation learner shares any learned inner-loop state with the training one.
+    eval_learner = build_learner(cfg, model, evaluation=True, share=learner)
+    meta_params = _meta_parameters(learner)
+    optimizer = build_optimizer(cfg, list(meta_params.values()))
     schedule = build_schedule(cfg, optimizer)
     sampler = build_sampler(cfg, "train", seed=cfg.seed)
     # A fixed validation set: the same tasks at every validation and on resume.
@@ -158,6 +173,8 @@ def train(
                                   + "\n  ".join(mismatch))
         try:
             model.load_state_dict(state["model"])
+            if hasattr(learner, "learned"):
+                learner.load_state_dict(state["learner"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
             sampler.load_state_dict(state["sampler"])
@@ -175,7 +192,8 @@ def train(
             return
         save_checkpoint(ckpt, {
             "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "iteration": it,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": model.state_dict(), "learner": _learner_state(learner),
+            "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "sampler": sampler.state_dict(),
             "rng": rng_state(), "learner_rng": learner_rng.get_state(), "best": best,
             "stale": stale,
@@ -207,9 +225,9 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             batch = sampler.sample(cfg.meta_batch)[offset: offset + count]
             metrics = learner.step(batch.to(device))
-            ctx.reduce_gradients(model, weight)
+            ctx.reduce_gradients(meta_params.values(), weight)
             metrics = ctx.reduce_metrics(metrics, weight)
-            _check_finite(it, metrics, model)
+            _check_finite(it, metrics, meta_params)
             optimizer.step()
             schedule.step()
             bar.update(1)
@@ -232,7 +250,8 @@ def train(
                     if best_path:
                         save_checkpoint(best_path, {
                             "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(),
-                            "iteration": it, "model": model.state_dict(), "best": best})
+                            "iteration": it, "model": model.state_dict(),
+                            "learner": _learner_state(learner), "best": best})
                 else:
                     stale += 1
                 write_checkpoint(it)

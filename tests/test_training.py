@@ -144,3 +144,23 @@ def test_config_defaults_follow_the_papers_and_bad_values_are_named():
 
 def test_train_is_exported_at_top_level():
     assert metalearn.train is train
+
+
+@pytest.mark.parametrize("algorithm", ["metasgd", "mamlpp"])
+def test_learned_inner_rates_are_trained_checkpointed_and_resumed(tmp_path, algorithm):
+    cfg = dict(FAST, algorithm=algorithm, iterations=20)
+    full = train(progress=False, checkpoint=tmp_path / "a.pt", **cfg)
+    init = train(progress=False, **{**cfg, "iterations": 1, "outer_lr": 1e-12})
+    learned = dict(full.learner.learned.named_parameters())
+    assert learned and any(
+        not torch.allclose(p, dict(init.learner.learned.named_parameters())[n])
+        for n, p in learned.items())
+    saved = load_checkpoint(tmp_path / "a.pt")["learner"]
+    for n, p in full.learner.learned.state_dict().items():
+        torch.testing.assert_close(saved[n], p)
+    train(progress=False, checkpoint=tmp_path / "b.pt", **{**cfg, "iterations": 10})
+    resumed = train(progress=False, checkpoint=tmp_path / "b.pt", resume=True, **cfg)
+    for n, p in full.learner.learned.state_dict().items():
+        torch.testing.assert_close(resumed.learner.learned.state_dict()[n], p, rtol=0, atol=0)
+    for n, p in params_of(full.model).items():
+        torch.testing.assert_close(params_of(resumed.model)[n], p, rtol=0, atol=0)
