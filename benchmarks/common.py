@@ -1,0 +1,52 @@
+"""Shared by the benchmark scripts: timing, result headers and atomic JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from metalearn.bench import run_header
+from metalearn.checkpoint import atomic_write
+
+RESULTS = Path(__file__).parent / "results"
+# Beside a checkout of this project, ../shared/data holds the Omniglot zips (as in CI).
+_SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+if "METALEARN_DATA" not in os.environ and (_SHARED / "omniglot").is_dir():
+    os.environ["METALEARN_DATA"] = str(_SHARED)
+
+
+def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def header(seed: int | None = None) -> dict:
+    """Command, commit, machine and versions, with the script's own command line."""
+    h = run_header()
+    h["command"] = " ".join(["python", *sys.argv])
+    h["seed"] = seed
+    return h
+
+
+def write_json(name: str, payload: dict) -> Path:
+    """Write ``payload`` to benchmarks/results/<name>, atomically."""
+    path = RESULTS / name
+    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))
+    return path
