@@ -1,0 +1,134 @@
+"""Meta-iterations per second: metalearn against learn2learn 0.2.0, side by side.
+
+    bash benchmarks/peers/setup_learn2learn.sh
+    benchmarks/peers/.venv-l2l/bin/python benchmarks/peers/speed.py [--repeats 5]
+
+Omniglot 5-way 1-shot, Conv4, meta-batch 32, at (a) 1 and (b) 15 queries per class;
+MAML with 1 and 5 inner steps, FOMAML and Reptile with 5. Both libraries start from the
+same weights and see the same batches, and the meta-gradients are checked for parity
+before anything is timed. learn2learn has no Reptile class; its example (deepcopy the
+model per task, SGD steps, average the differences) is what we time for it.
+Run on an idle machine. Writes benchmarks/results/speed_vs_l2l.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import learn2learn as l2l
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import header, write_json  # noqa: E402
+from benchmarks.peers.l2l_parity import batch_statistics_only, task_loss  # noqa: E402
+from metalearn import FOMAML, MAML, Reptile  # noqa: E402
+from metalearn.data import OmniglotTasks  # noqa: E402
+from metalearn.models import Conv4  # noqa: E402
+
+CASES = (("maml", 1), ("maml", 5), ("fomaml", 5), ("reptile", 5))
+INNER_LR = 0.4
+
+
+def l2l_step(model, batch, algo, steps):
+    model.zero_grad(set_to_none=True)
+    if algo == "reptile":
+        theta = [p.detach().clone() for p in model.parameters()]
+        deltas = [torch.zeros_like(p) for p in theta]
+        for i in range(len(batch)):
+            net = copy.deepcopy(model)
+            opt = torch.optim.SGD(net.parameters(), lr=INNER_LR)
+            for _ in range(steps):
+                opt.zero_grad()
+                task_loss(net(batch.support_x[i]), batch.support_y[i]).backward()
+                opt.step()
+            for d, t, p in zip(deltas, theta, net.parameters()):
+                d.add_(t - p.detach(), alpha=1 / len(batch))
+        for p, d in zip(model.parameters(), deltas):
+            p.grad = d
+        return
+    maml = l2l.algorithms.MAML(model, lr=INNER_LR, first_order=algo == "fomaml")
+    total = 0.0
+    for i in range(len(batch)):
+        learner = maml.clone()
+        for _ in range(steps):
+            learner.adapt(task_loss(learner(batch.support_x[i]), batch.support_y[i]))
+        total = total + task_loss(learner(batch.query_x[i]), batch.query_y[i])
+    (total / len(batch)).backward()
+
+
+def ml_learner(model, algo, steps):
+    cls = {"maml": MAML, "fomaml": FOMAML, "reptile": Reptile}[algo]
+    return cls(model, INNER_LR, steps)
+
+
+def grads(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def max_rel(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b)) / max(
+        y.abs().max().item() for y in b)
+
+
+def median_time(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--meta-batch", type=int, default=32)
+    args = parser.parse_args()
+    rows = []
+    for queries in (1, 15):
+        batch = OmniglotTasks(split="train", ways=5, shots=1, queries=queries, seed=0,
+                              progress=False).sample(args.meta_batch)
+        for algo, steps in CASES:
+            torch.manual_seed(0)
+            ours = Conv4(ways=5)
+            theirs = batch_statistics_only(copy.deepcopy(ours))
+            learner = ml_learner(ours, algo, steps)
+            ours.zero_grad(set_to_none=True)
+            learner.step(batch)
+            l2l_step(theirs, batch, algo, steps)
+            parity = max_rel(grads(ours), grads(theirs))
+            if parity > 1e-3:
+                raise SystemExit(f"parity failed for {algo} k={steps}: {parity:.2e}")
+
+            def run_ours(ours=ours, learner=learner, batch=batch):
+                ours.zero_grad(set_to_none=True)
+                learner.step(batch)
+
+            def run_theirs(theirs=theirs, batch=batch, algo=algo, steps=steps):
+                l2l_step(theirs, batch, algo, steps)
+
+            t_ours = median_time(run_ours, args.repeats)
+            t_theirs = median_time(run_theirs, args.repeats)
+            row = {"queries_per_class": queries, "algorithm": algo, "inner_steps": steps,
+                   "metalearn_seconds": t_ours, "learn2learn_seconds": t_theirs,
+                   "speedup": t_theirs / t_ours, "grad_parity_max_rel": parity}
+            rows.append(row)
+            print(f"({'a' if queries == 1 else 'b'}) {queries:2d} q/class {algo:7s} k={steps}  "
+                  f"metalearn {t_ours:.3f}s  learn2learn {t_theirs:.3f}s  "
+                  f"x{row['speedup']:.2f}  parity {parity:.1e}", flush=True)
+    h = header(seed=0)
+    h.update(learn2learn=l2l.__version__, threads=torch.get_num_threads(),
+             meta_batch=args.meta_batch, repeats=args.repeats)
+    print(f"wrote {write_json('speed_vs_l2l.json', {'header': h, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
