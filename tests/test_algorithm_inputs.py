@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from metalearn import FOMAML, MAML, Reptile
+from metalearn import ANIL, FOMAML, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile
 from metalearn.data import SineTasks, TaskBatch
 from metalearn.models import MLP, Conv4
 from tests.test_maml import synthetic_image_batch
@@ -77,14 +77,17 @@ class UserNet(nn.Module):
         return self.body(torch.tanh(self.embed(x)))
 
 
-@pytest.mark.parametrize("cls", [MAML, FOMAML, Reptile])
+@pytest.mark.parametrize("cls", [MAML, FOMAML, Reptile, MetaSGD, ANIL, MAMLPlusPlus, IMAML])
 def test_user_module_trains_through_the_same_api(cls):
     torch.manual_seed(0)
     net = UserNet()
     frozen = net.embed.weight.clone()
     learner = cls(net, 0.01 if cls is not Reptile else 0.02, 1)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3) if cls is not Reptile else \
-        torch.optim.SGD(net.parameters(), lr=1.0)
+    # Meta-SGD and MAML++ also meta-learn their inner learning rates.
+    params = learner.meta_parameters() if hasattr(learner, "meta_parameters") else \
+        net.parameters()
+    opt = torch.optim.Adam(params, lr=3e-3) if cls is not Reptile else \
+        torch.optim.SGD(params, lr=1.0)
     tasks = SineTasks(seed=0)
     eval_batch = SineTasks(seed=99).sample(50)
 
@@ -100,6 +103,7 @@ def test_user_module_trains_through_the_same_api(cls):
     assert query_mse() < 0.8 * before
     assert torch.equal(net.embed.weight, frozen)
     assert net.body[1].num_batches_tracked.item() == 0  # running stats untouched
+    assert net.embed.weight.grad is None
 
 
 def test_adapt_accepts_one_task_or_a_batch():

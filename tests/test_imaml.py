@@ -14,7 +14,6 @@ from metalearn.data import SineTasks, TaskBatch
 from metalearn.memory import memory_profile
 from metalearn.models import MLP
 from tests.reference import losses_of
-from tests.test_algorithm_inputs import UserNet
 from tests.test_maml import grads_of
 
 LAM, LR, STEPS = 2.0, 0.3, 200  # the inner problem converges to ~1e-16 in STEPS steps
@@ -166,18 +165,3 @@ def test_classification_and_cli_options():
     assert isinstance(learner, IMAML) and (learner.lam, learner.cg_steps) == (0.5, 2)
     with pytest.raises(ValueError, match="lam must be a finite number > 0"):
         IMAML(MLP(), 0.01, 1, lam=0.0)
-
-
-def test_user_module_with_a_frozen_layer_and_batchnorm():
-    torch.manual_seed(0)
-    net = UserNet()
-    learner = IMAML(net, 0.01, 2)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    batch = SineTasks(seed=0).sample(5)
-    for _ in range(2):
-        opt.zero_grad()
-        learner.step(batch)
-        opt.step()
-    assert net.embed.weight.grad is None and net.body[1].num_batches_tracked.item() == 0
-    fast = learner.adapt(batch.support_x, batch.support_y, steps=3)
-    assert learner.predict(fast, batch.query_x).shape == batch.query_y.shape

@@ -14,7 +14,6 @@ from metalearn.config import build_learner
 from metalearn.data import SineTasks
 from metalearn.models import MLP, Conv4
 from tests.reference import batch_stats_copy, losses_of
-from tests.test_algorithm_inputs import UserNet
 from tests.test_maml import grads_of, synthetic_image_batch, tiny_sine_batch
 
 OFF = dict(lslr=False, multi_step_loss=False, per_step_bn=False, first_order_iterations=0)
@@ -200,18 +199,3 @@ def test_cli_switches_reach_the_learner():
     with pytest.raises(ValueError, match="same model"):
         build_learner(cfg, MLP(), share=learner)
     assert build_learner(cfg, learner.model, share=learner).learned is learner.learned
-
-
-def test_user_module_with_a_frozen_layer_and_batchnorm():
-    torch.manual_seed(0)
-    net = UserNet()
-    learner = MAMLPlusPlus(net, 0.01, 2)
-    opt = torch.optim.Adam(learner.meta_parameters(), lr=3e-3)
-    batch = SineTasks(seed=0).sample(5)
-    for _ in range(2):
-        opt.zero_grad()
-        learner.step(batch)
-        opt.step()
-    assert net.embed.weight.grad is None and net.body[1].num_batches_tracked.item() == 0
-    fast = learner.adapt(batch.support_x, batch.support_y, steps=3)
-    assert learner.predict(fast, batch.query_x).shape == batch.query_y.shape

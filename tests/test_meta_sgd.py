@@ -10,7 +10,6 @@ from metalearn.config import TrainConfig, build_learner
 from metalearn.data import SineTasks
 from metalearn.models import MLP
 from tests.reference import batch_stats_copy, losses_of
-from tests.test_algorithm_inputs import UserNet
 from tests.test_maml import grads_of, tiny_sine_batch
 
 
@@ -150,18 +149,3 @@ def test_rates_on_another_dtype_are_a_clear_error():
     model.double()
     with pytest.raises(ValueError, match="build the learner after moving the model"):
         learner.step(SineTasks(seed=0).sample(2).to("cpu", torch.float64))
-
-
-def test_user_module_with_a_frozen_layer_and_batchnorm():
-    torch.manual_seed(0)
-    net = UserNet()
-    learner = MetaSGD(net, 0.01, 2)
-    opt = torch.optim.Adam(learner.meta_parameters(), lr=3e-3)
-    batch = SineTasks(seed=0).sample(5)
-    for _ in range(2):
-        opt.zero_grad()
-        learner.step(batch)
-        opt.step()
-    assert net.embed.weight.grad is None and net.body[1].num_batches_tracked.item() == 0
-    fast = learner.adapt(batch.support_x, batch.support_y, steps=3)
-    assert learner.predict(fast, batch.query_x).shape == batch.query_y.shape
