@@ -27,7 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import header, write_json  # noqa: E402
-from benchmarks.peers.l2l_parity import batch_statistics_only, task_loss  # noqa: E402
+from benchmarks.peers.l2l_parity import (  # noqa: E402
+    batch_statistics_only,
+    l2l_grads,
+    task_loss,
+)
 from metalearn import FOMAML, MAML, Reptile  # noqa: E402
 from metalearn.data import OmniglotTasks  # noqa: E402
 from metalearn.models import Conv4  # noqa: E402
@@ -53,14 +57,7 @@ def l2l_step(model, batch, algo, steps):
         for p, d in zip(model.parameters(), deltas):
             p.grad = d
         return
-    maml = l2l.algorithms.MAML(model, lr=INNER_LR, first_order=algo == "fomaml")
-    total = 0.0
-    for i in range(len(batch)):
-        learner = maml.clone()
-        for _ in range(steps):
-            learner.adapt(task_loss(learner(batch.support_x[i]), batch.support_y[i]))
-        total = total + task_loss(learner(batch.query_x[i]), batch.query_y[i])
-    (total / len(batch)).backward()
+    l2l_grads(model, batch, INNER_LR, steps, first_order=algo == "fomaml")
 
 
 def ml_learner(model, algo, steps):
