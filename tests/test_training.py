@@ -1,6 +1,7 @@
 """The training loop: validation, best checkpoint, early stopping, resume, atomic saves."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -95,6 +96,9 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path):
         atomic_write(path, failing_write)
     assert torch.equal(load_checkpoint(path)["x"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it
 
 
 def test_early_stopping_with_patience():
