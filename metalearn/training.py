@@ -100,11 +100,17 @@ def _config_mismatch(saved: dict, current: dict) -> list[str]:
 
 
 def _trim_log(path: Path, iteration: int) -> None:
-    """Drop log records past ``iteration``: a resumed run writes them again."""
+    """Drop log records past ``iteration`` (a resumed run writes them again), and a last
+    line cut short by a kill."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["iteration"] <= iteration]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     atomic_write(path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
 
 

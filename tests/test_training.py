@@ -168,3 +168,12 @@ def test_learned_inner_rates_are_trained_checkpointed_and_resumed(tmp_path, algo
         torch.testing.assert_close(resumed.learner.learned.state_dict()[n], p, rtol=0, atol=0)
     for n, p in params_of(full.model).items():
         torch.testing.assert_close(params_of(resumed.model)[n], p, rtol=0, atol=0)
+
+
+def test_resume_survives_a_log_line_cut_short_by_a_kill(tmp_path):
+    train(progress=False, checkpoint=tmp_path / "a.pt", **{**FAST, "iterations": 10})
+    log = tmp_path / "a.jsonl"
+    log.write_text(log.read_text() + '{"iteration": 11, "split": "tr')  # killed mid-write
+    resumed = train(progress=False, checkpoint=tmp_path / "a.pt", resume=True, **FAST)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert resumed.iteration == 30 and lines[-1]["iteration"] == 30
