@@ -26,13 +26,22 @@ from metalearn import MAML, evaluate, train  # noqa: E402
 from metalearn.checkpoint import atomic_write  # noqa: E402
 from metalearn.config import build_learner  # noqa: E402
 from metalearn.data import SineTasks  # noqa: E402
+from metalearn.training import NonFiniteError  # noqa: E402
 
 RUNS = {  # name -> train() overrides
     "maml": dict(algorithm="maml"),
     "fomaml": dict(algorithm="fomaml"),
     "reptile": dict(algorithm="reptile"),
     "pretrained": dict(algorithm="maml", inner_steps=0),
+    "metasgd": dict(algorithm="metasgd"),
+    "anil": dict(algorithm="anil"),
+    "mamlpp": dict(algorithm="mamlpp"),
+    "mamlpp-no-lslr": dict(algorithm="mamlpp", lslr=False),
+    "mamlpp-no-msl": dict(algorithm="mamlpp", multi_step_loss=False),
+    "mamlpp-fo-first-half": dict(algorithm="mamlpp", first_order_iterations=-1),  # set below
+    "imaml": dict(algorithm="imaml"),
 }
+DEFAULT_RUNS = "maml,fomaml,reptile,pretrained"
 
 
 def main() -> None:
@@ -42,22 +51,39 @@ def main() -> None:
     parser.add_argument("--shots", default="5,10")
     parser.add_argument("--tasks", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help=f"from {','.join(RUNS)}")
+    parser.add_argument("--out", default="compare_sine", help="results file stem")
     args = parser.parse_args()
+    unknown = set(args.runs.split(",")) - set(RUNS)
+    if unknown:
+        parser.error(f"unknown runs {sorted(unknown)}; choose from {','.join(RUNS)}")
     iterations = 70_000 if args.full else args.iterations
     t_start = time.perf_counter()
     results = []
     for shots in [int(s) for s in args.shots.split(",")]:
         test = SineTasks(shots=shots, queries=10, seed=2024).sample(args.tasks)
-        for name, overrides in RUNS.items():
+        for name in args.runs.split(","):
+            overrides = dict(RUNS[name])
+            if overrides.get("first_order_iterations") == -1:
+                overrides["first_order_iterations"] = iterations // 2
             t0 = time.perf_counter()
-            res = train(dataset="sine", shots=shots, queries=10, iterations=iterations,
-                        val_every=max(iterations // 10, 1), seed=args.seed, progress=False,
-                        **overrides)
+            try:
+                res = train(dataset="sine", shots=shots, queries=10, iterations=iterations,
+                            val_every=max(iterations // 10, 1), seed=args.seed,
+                            progress=False, **overrides)
+            except NonFiniteError as err:  # a diverging setting is a result, not a crash
+                results.append({"shots": shots, "name": name, "iterations": iterations,
+                                "diverged": str(err).split(";")[0]})
+                print(f"K={shots:2d} {name:10s} diverged: {str(err).split(';')[0][-60:]}",
+                      flush=True)
+                continue
             seconds = time.perf_counter() - t0
             if name == "pretrained":  # fine-tuned with plain SGD at the MAML inner lr
                 learner = MAML(res.model, inner_lr=0.01, inner_steps=1)
             else:
-                learner = build_learner(res.config, res.model, evaluation=True)
+                # share=: Meta-SGD's and MAML++'s trained inner learning rates.
+                learner = build_learner(res.config, res.model, evaluation=True,
+                                        share=res.learner)
             ev = evaluate(learner, test, max_steps=10, progress=False)
             results.append({"shots": shots, "name": name, "iterations": iterations,
                             "train_seconds": seconds,
@@ -69,8 +95,8 @@ def main() -> None:
     h = header(seed=args.seed)
     h.update(wall_seconds=time.perf_counter() - t_start, reduced=not args.full,
              test_tasks=args.tasks, threads=torch.get_num_threads())
-    path = write_json("compare_sine.json", {"header": h, "results": results})
-    plot(results, RESULTS / "compare_sine.png")
+    path = write_json(f"{args.out}.json", {"header": h, "results": results})
+    plot(results, RESULTS / f"{args.out}.png")
     print(f"wrote {path}")
 
 
@@ -83,7 +109,7 @@ def plot(results: list[dict], path: Path) -> None:
     shots = sorted({r["shots"] for r in results})
     fig, axes = plt.subplots(1, len(shots), figsize=(5.5 * len(shots), 4), squeeze=False)
     for ax, k in zip(axes[0], shots):
-        for r in (r for r in results if r["shots"] == k):
+        for r in (r for r in results if r["shots"] == k and "mse" in r):
             ax.errorbar(r["steps"], r["mse"], yerr=r["ci95"], label=r["name"], capsize=2)
         ax.set_title(f"sine, K={k} ({results[0]['iterations']} meta-iterations)")
         ax.set_xlabel("gradient steps at test time")
