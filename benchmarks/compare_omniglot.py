@@ -1,15 +1,20 @@
 """Omniglot N-way K-shot: MAML, FOMAML and Reptile with the papers' settings, on a budget.
 
     python benchmarks/compare_omniglot.py --shots 1 [--iterations maml=2000,...] [--full]
+    python benchmarks/compare_omniglot.py --algorithms metasgd,anil,mamlpp,imaml \
+        --out compare_omniglot_5w1s_variants
 
 Each algorithm meta-trains with its paper's hyperparameters (MAML: meta-batch 32, inner lr
 0.4, 1 step, Adam 1e-3, K queries per class; Reptile: 10 train shots, inner batch 10,
 5 Adam(beta1=0) steps, meta-batch 5, meta step 1 -> 0), keeps the best validation
 checkpoint, then adapts on 600 fixed test tasks (the same for every algorithm) for 0..10
 steps (Reptile: 0..50, its evaluation setting) with transductive BatchNorm; Reptile is also
-evaluated without transduction. The iteration counts are far below the papers' (60,000 and
-100,000): the default is a reduced CPU budget, and --full runs the papers' schedules.
-Writes benchmarks/results/compare_omniglot_5w{K}s.{json,png}.
+evaluated without transduction. The MAML variants (Meta-SGD, ANIL, MAML++, iMAML) take
+MAML's settings plus their own defaults (``metalearn.config.VARIANT_DEFAULTS``) and are
+evaluated with their trained inner-loop state (learned rates). The iteration counts are far
+below the papers' (60,000 and 100,000): the default is a reduced CPU budget, and --full runs
+the papers' schedules. Writes benchmarks/results/{--out}.{json,png} (default
+compare_omniglot_5w{K}s).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from metalearn import evaluate, train  # noqa: E402
 from metalearn.checkpoint import atomic_write, load_checkpoint  # noqa: E402
 from metalearn.config import PAPER_DEFAULTS, build_learner, build_sampler  # noqa: E402
 
-REDUCED = {"maml": 2000, "fomaml": 2000, "reptile": 5000}
-EVAL_STEPS = {"maml": 10, "fomaml": 10, "reptile": 50}
+REDUCED = {"maml": 2000, "fomaml": 2000, "reptile": 5000, "metasgd": 2000, "anil": 2000,
+           "mamlpp": 1000, "imaml": 1000}
+EVAL_STEPS = {"reptile": 50, "imaml": 20}  # the others: 10
 
 
 def main() -> None:
@@ -42,6 +48,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--out", default="", help="results file stem")
     args = parser.parse_args()
     budget = dict(REDUCED)
     budget.update({k: int(v) for k, v in (x.split("=") for x in args.iterations.split(",") if x)})
@@ -66,13 +73,16 @@ def main() -> None:
         cfg = res.config
         tasks = build_sampler(cfg, "test", seed=12345, evaluation=True).sample(args.tasks)
         learner = build_learner(cfg, res.model, evaluation=True)
+        if best.get("learner"):  # Meta-SGD's / MAML++'s learned rates at the best iteration
+            learner.load_state_dict(best["learner"])
         row = {"algorithm": algo, "ways": args.ways, "shots": args.shots,
                "iterations": iterations, "best_val": best["best"],
                "train_seconds": seconds, "seconds_per_iteration": seconds / iterations,
                "eval_queries_per_class": cfg.eval_queries, "config": cfg.to_dict()}
         for transductive in ((True, False) if algo == "reptile" else (True,)):
-            ev = evaluate(learner, tasks, max_steps=EVAL_STEPS[algo], transductive=transductive,
-                          batch_size=25 if transductive else 5, progress=False)
+            ev = evaluate(learner, tasks, max_steps=EVAL_STEPS.get(algo, 10),
+                          transductive=transductive, batch_size=25 if transductive else 5,
+                          progress=False)
             key = "transductive" if transductive else "non_transductive"
             row[key] = {"steps": ev.steps, "accuracy": ev.mean, "ci95": ev.ci95}
             print(f"5w{args.shots}s {algo:8s} {key:16s} step 1: {100 * ev.mean[1]:.2f}%  "
@@ -83,8 +93,9 @@ def main() -> None:
     h = header(seed=args.seed)
     h.update(wall_seconds=time.perf_counter() - t_start, reduced=not args.full,
              test_tasks=args.tasks, threads=torch.get_num_threads())
-    path = write_json(f"compare_omniglot_{tag}.json", {"header": h, "results": results})
-    plot(results, RESULTS / f"compare_omniglot_{tag}.png", tag)
+    out = args.out or f"compare_omniglot_{tag}"
+    path = write_json(f"{out}.json", {"header": h, "results": results})
+    plot(results, RESULTS / f"{out}.png", tag)
     print(f"wrote {path}")
 
 
