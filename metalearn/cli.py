@@ -88,6 +88,9 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
     v = p.add_argument_group("MAML variants (each option applies only to its algorithm)")
     v.add_argument("--first-order", action="store_true", default=None, help="metasgd, anil, "
                    "mamlpp: first-order meta-gradient")
+    v.add_argument("--memory-saving", action="store_true", default=None, help="maml: "
+                   "recompute inner-step activations in the backward; the same meta-gradient "
+                   "with memory nearly flat in inner steps, for some extra time")
     v.add_argument("--anil-inner", help="anil: comma-separated names or prefixes of the "
                    "parameters the inner loop adapts (default: the last layer's)")
     v.add_argument("--imaml-lambda", type=_positive_float, help="imaml: proximal strength "
@@ -121,6 +124,7 @@ def _config_from(args: argparse.Namespace, **extra) -> TrainConfig:
             "weight_decay", "schedule", "init", "dropout", "seed", "device")
     keys += ("first_order", "anil_inner", "imaml_lambda", "cg_steps", "lslr", "multi_step_loss",
              "msl_iterations", "first_order_iterations", "per_step_bn")
+    keys += ("memory_saving",)
     values = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     values.update(extra)
     return TrainConfig(**values)
@@ -265,6 +269,8 @@ def _bench(args, parser) -> int:
     from metalearn.bench import run_bench
 
     base = _config_from(args)
+    if base.memory_saving and set(args.algorithms) != {"maml"}:
+        parser.error("--memory-saving applies to maml only; pass --algorithms maml")
     try:
         base.resolved()  # validate now; each algorithm then fills in its own paper defaults
     except ValueError as err:

@@ -103,6 +103,9 @@ class TrainConfig:
     msl_iterations: int | None = None
     first_order_iterations: int | None = None
     per_step_bn: bool | None = None
+    # MAML only: recompute inner-step activations in the backward (same meta-gradient, less
+    # memory). None is off, so configs saved before this option existed stay unchanged.
+    memory_saving: bool | None = None
 
     def resolved(self) -> TrainConfig:
         """A copy with the paper defaults filled in and every value checked."""
@@ -166,6 +169,11 @@ class TrainConfig:
         self._check_variants()
 
     def _check_variants(self) -> None:
+        if not isinstance(self.memory_saving, (bool, type(None))):
+            raise ValueError(f"memory_saving must be a bool, got {self.memory_saving!r}")
+        if self.memory_saving and self.algorithm != "maml":
+            raise ValueError(f"memory_saving applies to algorithm='maml' only (second-order "
+                             f"MAML's inner graph), not to {self.algorithm!r}")
         if self.imaml_lambda is not None and not (math.isfinite(self.imaml_lambda)
                                                   and self.imaml_lambda > 0):
             raise ValueError(f"imaml_lambda must be a finite number > 0, got {self.imaml_lambda}")
@@ -216,6 +224,8 @@ def build_learner(cfg: TrainConfig, model: nn.Module, evaluation: bool = False,
             variant.learned = share.learned
         return variant
     cls = FOMAML if cfg.algorithm == "fomaml" else MAML
+    if cfg.memory_saving:  # validated: algorithm is "maml"
+        common["memory_saving"] = True
     return cls(model, cfg.inner_lr, cfg.inner_steps, outer_flood=cfg.outer_flood, **common)
 
 

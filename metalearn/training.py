@@ -37,7 +37,8 @@ from metalearn.evaluation import evaluate
 
 CHECKPOINT_FORMAT = 1
 # Settings that may differ between a run and its resumption.
-RESUMABLE_CHANGES = {"device", "data_root", "iterations", "patience"}
+# memory_saving changes how the meta-gradient is computed, not its value.
+RESUMABLE_CHANGES = {"device", "data_root", "iterations", "patience", "memory_saving"}
 
 
 class NonFiniteError(RuntimeError):
