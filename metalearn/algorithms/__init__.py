@@ -1,6 +1,7 @@
 """Meta-learning algorithms: inner loop on the support set, outer meta-update."""
 
 from metalearn.algorithms.anil import ANIL
+from metalearn.algorithms.gradient_combination import GradientCombination
 from metalearn.algorithms.imaml import IMAML
 from metalearn.algorithms.maml import FOMAML, MAML
 from metalearn.algorithms.maml_plus_plus import MAMLPlusPlus
@@ -9,3 +10,4 @@ from metalearn.algorithms.reptile import Reptile
 
 __all__ = ["MAML", "FOMAML", "Reptile"]
 __all__ += ["MetaSGD", "ANIL", "MAMLPlusPlus", "IMAML"]
+__all__ += ["GradientCombination"]

@@ -1,0 +1,235 @@
+"""Sums of inner-loop mini-batch gradients: Reptile, FOMAML and joint training in one learner.
+
+Nichol, Achiam and Schulman (2018), "On First-Order Meta-Learning Algorithms"
+(arXiv:1803.02999), write the inner loop of a task as k mini-batch gradients
+``g_i = L_i'(phi_{i-1})`` taken at the successive iterates (``phi_0 = theta``,
+``phi_i = phi_{i-1} - alpha g_i`` for SGD). With SGD, Reptile's direction
+``(theta - phi_k) / alpha`` is ``g_1 + ... + g_k``, FOMAML's is ``g_k`` and joint training's
+is ``g_1``. The paper's experiments section compares such combinations on 5-shot 5-way
+Omniglot ("Comparing Different Inner-Loop Gradient Combinations", its Figure 4) and the
+overlap of FOMAML's final mini-batch with the earlier ones ("shared tail" versus "separate
+tail", cycling versus sampling with replacement, its Figure 5). :class:`GradientCombination`
+runs any of these as one vmapped computation over tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import grad, vmap
+
+from metalearn.algorithms.functional_model import Params
+from metalearn.algorithms.losses import accuracy, per_example_loss
+from metalearn.algorithms.reptile import Reptile, minibatch_indices
+from metalearn.data.task_batch import TaskBatch
+
+TAILS = ("shared", "separate")
+
+
+def parse_use(use: str | Iterable[int], inner_steps: int) -> tuple[int, ...]:
+    """The sorted 1-based indices of the gradients to sum, checked against ``inner_steps``.
+
+    ``"all"`` is ``1..inner_steps`` (Reptile with SGD); ``"last"`` is ``(inner_steps,)``
+    (FOMAML).
+
+    Example:
+        >>> from metalearn.algorithms.gradient_combination import parse_use
+        >>> parse_use("all", 3), parse_use("last", 3), parse_use([2, 1], 3)
+        ((1, 2, 3), (3,), (1, 2))
+    """
+    if isinstance(use, str):
+        if use == "all":
+            return tuple(range(1, inner_steps + 1))
+        if use == "last":
+            return (inner_steps,)
+        raise ValueError(f"unknown use {use!r}; give 'all', 'last' or gradient indices like (1, 2)")
+    try:
+        indices = list(use)
+    except TypeError:
+        raise ValueError(
+            f"use must be 'all', 'last' or an iterable of indices, got {use!r}") from None
+    if not indices:
+        raise ValueError("use is empty: name at least one gradient, e.g. use=(1,) or 'all'")
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise ValueError(f"use holds {i!r}; gradient indices are integers 1..{inner_steps}")
+        if not 1 <= i <= inner_steps:
+            raise ValueError(f"use holds g_{i} but the inner loop has inner_steps={inner_steps} "
+                             f"gradients; indices must be in 1..{inner_steps} (1-based)")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"use repeats an index: {tuple(indices)}")
+    return tuple(sorted(indices))
+
+
+class GradientCombination(Reptile):
+    """The outer direction ``sum_{i in use} g_i`` of the inner-loop mini-batch gradients.
+
+    Every task runs ``inner_steps`` = k inner iterations; iteration i evaluates the
+    mini-batch gradient ``g_i`` at the current iterate ``phi_{i-1}`` (``phi_0 = theta``)
+    and then steps with SGD (or Adam with beta1 = 0, as :class:`~metalearn.Reptile`).
+    :meth:`step` accumulates the mean over tasks of ``sum_{i in use} g_i`` into ``p.grad``,
+    so an outer SGD with learning rate eta moves ``theta -= eta * sum g_i``. With SGD,
+    ``use="all"`` equals Reptile's direction divided by ``inner_lr``, ``use=(1,)`` is the
+    joint-training gradient of one mini-batch and ``use="last"`` is first-order MAML.
+
+    What the task's sets mean:
+
+    - ``support`` is the inner loop's data: its mini-batches of ``inner_batch`` examples
+      are drawn by cycling through fresh permutations (``sampling="cycle"``) or
+      independently (``"replacement"``), as :func:`~metalearn.algorithms.reptile.
+      minibatch_indices` does for Reptile.
+    - ``tail="shared"``: all k mini-batches come from the support set, so the last one can
+      overlap the earlier ones. The query set is only scored for the metrics, at
+      ``phi_k``.
+    - ``tail="separate"``: the first k − 1 mini-batches come from the support set and the
+      k-th gradient is taken on the whole query set, held out from the inner loop (the
+      reference code's ``FOML(tail_shots=...)``). Metrics are the query loss at
+      ``phi_{k-1}``, where ``g_k`` is taken. With ``use="last"`` and ``inner_batch=None``
+      this is exactly :class:`~metalearn.FOMAML` with ``inner_steps = k − 1``.
+
+    The direction is a plain sum, as in the paper's g_1 + g_2 (the reference README scales
+    the meta step instead, e.g. ``half_g1_g2``): to average, divide the outer learning
+    rate by ``len(use)``. Inner steps after the last used gradient are not needed for the
+    direction; they only move the weights the metrics are taken at.
+
+    Sources: arXiv:1803.02999 §§5-6 (the gradient notation and the Figure 4/5 studies);
+    openai/supervised-reptile ``supervised_reptile/reptile.py`` (``FOML``: "the gradient
+    from the last mini-batch as the update direction"; ``tail_shots`` reserves a final
+    mini-batch that "is guaranteed not to overlap with the training mini-batches") and its
+    README section "Comparing different inner-loop gradient combinations".
+
+    Args:
+        model: any ``nn.Module``.
+        inner_lr: inner learning rate alpha.
+        inner_steps: k, the number of inner gradients (>= 1).
+        inner_batch: examples per support mini-batch; ``None`` uses the whole support set.
+        use: ``"all"``, ``"last"`` or 1-based indices, e.g. ``(1, 2)`` for g_1 + g_2.
+        tail: ``"shared"`` or ``"separate"`` (see above).
+        inner_optimizer: ``"sgd"`` or ``"adam"``; the g_i are always the raw mini-batch
+            gradients, only the iterates they are taken at depend on the optimiser.
+        sampling: ``"cycle"`` or ``"replacement"``.
+        **kwargs: ``adam_betas``, ``adam_eps``, ``inner_flood``, ``flood_mode``,
+            ``label_smoothing``, ``generator``: as for :class:`~metalearn.Reptile`.
+
+    :meth:`adapt` (and so :func:`metalearn.evaluate`) is Reptile's: mini-batch SGD/Adam on
+    the support set.
+
+    Example:
+        >>> import torch
+        >>> from metalearn import GradientCombination
+        >>> from metalearn.data import SineTasks
+        >>> from metalearn.models import MLP
+        >>> model = MLP()
+        >>> g1_g2 = GradientCombination(model, inner_lr=0.02, inner_steps=2, inner_batch=5,
+        ...                             use=(1, 2))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        >>> opt.zero_grad()
+        >>> metrics = g1_g2.step(SineTasks(shots=10, seed=0).sample(4))
+        >>> opt.step()
+        >>> sorted(metrics)
+        ['loss']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float,
+        inner_steps: int,
+        inner_batch: int | None = None,
+        use: str | Iterable[int] = "all",
+        tail: str = "shared",
+        inner_optimizer: str = "sgd",
+        sampling: str = "cycle",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, inner_lr, inner_steps, inner_batch, inner_optimizer, sampling,
+                         **kwargs)
+        if self.inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1 (one gradient at least), got {inner_steps}")
+        if tail not in TAILS:
+            raise ValueError(f"unknown tail {tail!r}; choose one of {TAILS}")
+        self.use = parse_use(use, self.inner_steps)
+        self.tail = tail
+
+    def _inner_step(self, fast: Params, g: Params, m: Params | None, v: Params | None,
+                    t: int) -> Params:
+        """One SGD or Adam update; ``m`` and ``v`` (Adam's moments) are updated in place."""
+        if m is None or v is None:
+            return {k: fast[k] - self.inner_lr * g[k] for k in fast}
+        b1, b2 = self.adam_betas
+        new = {}
+        for k in fast:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] * g[k]
+            m_hat = m[k] / (1 - b1 ** (t + 1))
+            v_hat = v[k] / (1 - b2 ** (t + 1))
+            new[k] = fast[k] - self.inner_lr * m_hat / (v_hat.sqrt() + self.adam_eps)
+        return new
+
+    def _task_direction(
+        self, params: Params, x: torch.Tensor, y: torch.Tensor, qx: torch.Tensor,
+        qy: torch.Tensor, batches: torch.Tensor | None,
+    ) -> tuple[Params, Params]:
+        """One task: (sum of the used g_i, the weights its metrics are taken at)."""
+        inner_grad = grad(self.inner_loss)
+        k, separate = self.inner_steps, self.tail == "separate"
+        adam = self.inner_optimizer == "adam"
+        m = {n: torch.zeros_like(p) for n, p in params.items()} if adam else None
+        v = {n: torch.zeros_like(p) for n, p in params.items()} if adam else None
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+        fast = params
+        for t in range(k):
+            if separate and t == k - 1:
+                xb, yb = qx, qy  # the held-out tail
+            elif batches is None:
+                xb, yb = x, y
+            else:
+                xb, yb = x[batches[t]], y[batches[t]]
+            g = inner_grad(fast, xb, yb)
+            if t + 1 in self.use:
+                total = {n: total[n] + g[n] for n in total}
+            if separate and t == k - 1:
+                break  # a step on the tail would leak the query set into the metrics
+            fast = self._inner_step(fast, g, m, v, t)
+        return total, fast
+
+    def directions(self, batch: TaskBatch) -> tuple[Params, Params]:
+        """Per-task directions ``(B, ...)`` and the weights the metrics are taken at.
+
+        :meth:`step` averages the first over tasks; exposed for analysis and tests.
+        """
+        self._check_batch(batch)
+        size = batch.num_support
+        support_steps = self.inner_steps - (self.tail == "separate")
+        idx = None
+        if self.inner_batch is not None and support_steps > 0:
+            if self.inner_batch > size:
+                raise ValueError(
+                    f"inner_batch={self.inner_batch} exceeds the {size} support examples per "
+                    "task; lower inner_batch or raise shots"
+                )
+            # Drawn for the whole meta-batch and sliced, as Reptile does across processes.
+            offset, total = self.shard or (0, len(batch))
+            idx = minibatch_indices(total, size, self.inner_batch, support_steps, self.sampling,
+                                    self.generator)
+            idx = idx[offset: offset + len(batch)].to(batch.support_x.device)
+        with torch.no_grad():
+            return vmap(self._task_direction, in_dims=(None, 0, 0, 0, 0, 0 if idx is not None
+                                                       else None), randomness="different")(
+                self.fmodel.params(), batch.support_x, batch.support_y, batch.query_x,
+                batch.query_y, idx)
+
+    def step(self, batch: TaskBatch) -> dict[str, float]:
+        """Accumulate ``mean_tasks sum_{i in use} g_i`` into ``p.grad``; return query metrics."""
+        per_task, fast = self.directions(batch)
+        self._accumulate({n: d.mean(0) for n, d in per_task.items()})
+        with torch.no_grad():
+            out = vmap(self.fmodel, randomness="different")(fast, batch.query_x)
+            flat_out, flat_y = out.flatten(0, 1), batch.query_y.flatten(0, 1)
+            metrics = {"loss": per_example_loss(flat_out, flat_y).mean().item()}
+            if batch.is_classification:
+                metrics["accuracy"] = accuracy(flat_out, flat_y).item()
+        return metrics
