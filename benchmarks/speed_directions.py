@@ -1,0 +1,170 @@
+"""Where the time of a meta-iteration goes, and what the directions of issue #8 buy.
+
+    python benchmarks/speed_directions.py [--repeats 3] [--no-compile]
+
+Omniglot 5-way 1-shot, Conv4, meta-batch 32, at (a) 1 and (b) 15 queries per class, for
+MAML with 1 and 5 inner steps and FOMAML with 5. In one run, side by side on the same
+weights and batch, each direction is timed against the library's default path (``vmap``
+over tasks, which turns per-task convolutions into grouped ones):
+
+* ``unfold_matmul``: every ``nn.Conv2d`` as ``unfold`` + matmul (im2col), so that under
+  ``vmap`` the per-task convolutions and their double backward become batched matmuls;
+* ``one_thread``: ``torch.set_num_threads(1)`` instead of the default;
+* ``compile``: ``torch.compile`` of ``MAML.meta_loss`` (MAML 1 step at (a) only: its compile
+  time is reported separately, with the number of iterations after which it pays off).
+
+Each direction's meta-gradient is checked against the default's (max abs difference over
+the largest entry). Achieved GFLOP/s is reported as a fraction of a float32 matmul peak
+measured in the same run; the FLOPs are counted with ``torch.utils.flop_counter`` on the
+per-task loop of ``tests/reference.py`` (plain convolutions, which it counts correctly:
+it overcounts the grouped convolutions of the batched path). Run it on an idle machine.
+Writes benchmarks/results/speed_directions.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import header, median_seconds, write_json  # noqa: E402
+from metalearn import FOMAML, MAML  # noqa: E402
+from metalearn.data import OmniglotTasks  # noqa: E402
+from metalearn.models import Conv4  # noqa: E402
+from tests.reference import maml_loop  # noqa: E402
+
+CASES = (("maml", 1), ("maml", 5), ("fomaml", 5))
+INNER_LR = 0.4
+
+
+def _conv_as_matmul(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
+    out = self.weight.reshape(self.out_channels, -1) @ cols
+    size = [(x.shape[-2 + i] + 2 * self.padding[i] - self.kernel_size[i]) // self.stride[i] + 1
+            for i in range(2)]
+    out = out.reshape(out.shape[0], self.out_channels, *size)
+    return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+@contextlib.contextmanager
+def conv_as_matmul(model: nn.Module):
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for m in convs:
+        m.forward = _conv_as_matmul.__get__(m)
+    try:
+        yield
+    finally:
+        for m in convs:
+            del m.forward
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / median_seconds(lambda: a @ b, repeats=repeats, warmup=2) / 1e9
+
+
+def loop_flops(model: nn.Module, batch, algo: str, steps: int) -> int:
+    with FlopCounterMode(display=False) as counter:
+        maml_loop(model, batch, INNER_LR, steps, first_order=algo == "fomaml")
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--queries", default="1,15", help="queries per class, e.g. 1")
+    args = parser.parse_args()
+    t_start = time.perf_counter()
+    peak = matmul_peak_gflops()
+    print(f"float32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
+    rows = []
+    for queries in (int(q) for q in args.queries.split(",")):
+        batch = OmniglotTasks(split="train", ways=5, shots=1, queries=queries, seed=0,
+                              progress=False).sample(32)
+        for algo, steps in CASES:
+            torch.manual_seed(0)
+            model = Conv4(ways=5)
+            learner = (FOMAML if algo == "fomaml" else MAML)(model, INNER_LR, steps)
+            flops = loop_flops(model, batch, algo, steps)
+
+            def run(ctx=contextlib.nullcontext, learner=learner, model=model, batch=batch):
+                model.zero_grad(set_to_none=True)
+                with ctx():
+                    learner.step(batch)
+                return [p.grad.clone() for p in model.parameters()]
+
+            reference = run()
+            scale = max(g.abs().max().item() for g in reference)
+            directions = {"default": contextlib.nullcontext,
+                          "unfold_matmul": lambda model=model: conv_as_matmul(model),
+                          "one_thread": lambda: threads(1)}
+            row = {"queries_per_class": queries, "algorithm": algo, "inner_steps": steps,
+                   "flops": flops}
+            for name, ctx in directions.items():
+                seconds = median_seconds(lambda ctx=ctx: run(ctx), repeats=args.repeats)
+                diff = max((a - b).abs().max().item() for a, b in zip(run(ctx), reference))
+                row[name] = {"seconds": seconds, "gflops": flops / seconds / 1e9,
+                             "fraction_of_peak": flops / seconds / 1e9 / peak,
+                             "speedup_vs_default": None, "grad_rel_diff": diff / scale}
+            for name in directions:
+                row[name]["speedup_vs_default"] = row["default"]["seconds"] / row[name]["seconds"]
+            if not args.no_compile and queries == 1 and (algo, steps) == ("maml", 1):
+                row["compile"] = compiled(learner, model, batch, args.repeats, reference, scale,
+                                          row["default"]["seconds"])
+            rows.append(row)
+            print(f"(q={queries:2d}) {algo}-{steps}: {flops / 1e9:6.1f} GFLOP  " + "  ".join(
+                f"{n} {row[n]['seconds']:.3f}s ({100 * row[n]['fraction_of_peak']:.1f}% peak, "
+                f"x{row[n]['speedup_vs_default']:.2f})" for n in directions), flush=True)
+    h = header(seed=0)
+    h.update(wall_seconds=time.perf_counter() - t_start, matmul_peak_gflops=peak,
+             threads=torch.get_num_threads())
+    print(f"wrote {write_json('speed_directions.json', {'header': h, 'rows': rows})}")
+
+
+def compiled(learner, model, batch, repeats, reference, scale, default_seconds) -> dict:
+    """torch.compile of the meta-loss: compile time, steady state, break-even iterations."""
+    fn = torch.compile(learner.meta_loss)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss, _ = fn(batch)
+        loss.backward()
+
+    try:
+        t0 = time.perf_counter()
+        run()
+        first = time.perf_counter() - t0
+        seconds = median_seconds(run, repeats=repeats)
+    except Exception as err:  # noqa: BLE001 - record why the direction is unavailable
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
+    diff = max((p.grad - r).abs().max().item() for p, r in zip(model.parameters(), reference))
+    gain = default_seconds - seconds
+    print(f"  compile: first call {first:.1f}s, then {seconds:.3f}s/it", flush=True)
+    return {"first_call_seconds": first, "seconds": seconds,
+            "speedup_vs_default": default_seconds / seconds, "grad_rel_diff": diff / scale,
+            "break_even_iterations": (first - seconds) / gain if gain > 0 else None}
+
+
+if __name__ == "__main__":
+    main()
