@@ -22,7 +22,6 @@ from torch import nn
 from torch.func import grad, vmap
 
 from metalearn.algorithms.functional_model import Params
-from metalearn.algorithms.losses import accuracy, per_example_loss
 from metalearn.algorithms.reptile import Reptile, minibatch_indices
 from metalearn.data.task_batch import TaskBatch
 
@@ -154,21 +153,6 @@ class GradientCombination(Reptile):
         self.use = parse_use(use, self.inner_steps)
         self.tail = tail
 
-    def _inner_step(self, fast: Params, g: Params, m: Params | None, v: Params | None,
-                    t: int) -> Params:
-        """One SGD or Adam update; ``m`` and ``v`` (Adam's moments) are updated in place."""
-        if m is None or v is None:
-            return {k: fast[k] - self.inner_lr * g[k] for k in fast}
-        b1, b2 = self.adam_betas
-        new = {}
-        for k in fast:
-            m[k] = b1 * m[k] + (1 - b1) * g[k]
-            v[k] = b2 * v[k] + (1 - b2) * g[k] * g[k]
-            m_hat = m[k] / (1 - b1 ** (t + 1))
-            v_hat = v[k] / (1 - b2 ** (t + 1))
-            new[k] = fast[k] - self.inner_lr * m_hat / (v_hat.sqrt() + self.adam_eps)
-        return new
-
     def _task_direction(
         self, params: Params, x: torch.Tensor, y: torch.Tensor, qx: torch.Tensor,
         qy: torch.Tensor, batches: torch.Tensor | None,
@@ -193,7 +177,7 @@ class GradientCombination(Reptile):
                 total = {n: total[n] + g[n] for n in total}
             if separate and t == k - 1:
                 break  # a step on the tail would leak the query set into the metrics
-            fast = self._inner_step(fast, g, m, v, t)
+            fast = self._inner_update(fast, g, m, v, t)
         return total, fast
 
     def directions(self, batch: TaskBatch) -> tuple[Params, Params]:
@@ -226,10 +210,4 @@ class GradientCombination(Reptile):
         """Accumulate ``mean_tasks sum_{i in use} g_i`` into ``p.grad``; return query metrics."""
         per_task, fast = self.directions(batch)
         self._accumulate({n: d.mean(0) for n, d in per_task.items()})
-        with torch.no_grad():
-            out = vmap(self.fmodel, randomness="different")(fast, batch.query_x)
-            flat_out, flat_y = out.flatten(0, 1), batch.query_y.flatten(0, 1)
-            metrics = {"loss": per_example_loss(flat_out, flat_y).mean().item()}
-            if batch.is_classification:
-                metrics["accuracy"] = accuracy(flat_out, flat_y).item()
-        return metrics
+        return self._query_metrics(fast, batch)

@@ -118,27 +118,40 @@ class Reptile(MetaLearner):
         inner_grad = grad(self.inner_loss)
         steps = batches.shape[0] if batches is not None else self._steps
         adam = self.inner_optimizer == "adam"
-        b1, b2 = self.adam_betas
         m = {k: torch.zeros_like(v) for k, v in params.items()} if adam else None
         v2 = {k: torch.zeros_like(v) for k, v in params.items()} if adam else None
         fast, path = params, []
         for t in range(steps):
             xb, yb = (x, y) if batches is None else (x[batches[t]], y[batches[t]])
-            g = inner_grad(fast, xb, yb)
-            if not adam:
-                fast = {k: fast[k] - self.inner_lr * g[k] for k in fast}
-                self._track(fast, path)
-                continue
-            new = {}
-            for k in fast:
-                m[k] = b1 * m[k] + (1 - b1) * g[k]
-                v2[k] = b2 * v2[k] + (1 - b2) * g[k] * g[k]
-                m_hat = m[k] / (1 - b1 ** (t + 1))
-                v_hat = v2[k] / (1 - b2 ** (t + 1))
-                new[k] = fast[k] - self.inner_lr * m_hat / (v_hat.sqrt() + self.adam_eps)
-            fast = new
+            fast = self._inner_update(fast, inner_grad(fast, xb, yb), m, v2, t)
             self._track(fast, path)
         return self._finish(fast, path)
+
+    def _inner_update(self, fast: Params, g: Params, m: Params | None, v: Params | None,
+                      t: int) -> Params:
+        """Inner step ``t``: SGD, or Adam when its moments ``m``, ``v`` are given (updated
+        in place)."""
+        if m is None or v is None:
+            return {k: fast[k] - self.inner_lr * g[k] for k in fast}
+        b1, b2 = self.adam_betas
+        new = {}
+        for k in fast:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] * g[k]
+            m_hat = m[k] / (1 - b1 ** (t + 1))
+            v_hat = v[k] / (1 - b2 ** (t + 1))
+            new[k] = fast[k] - self.inner_lr * m_hat / (v_hat.sqrt() + self.adam_eps)
+        return new
+
+    def _query_metrics(self, fast: Params, batch: TaskBatch) -> dict[str, float]:
+        """Query loss (and accuracy) at the per-task weights ``fast``."""
+        with torch.no_grad():
+            out = vmap(self.fmodel, randomness="different")(fast, batch.query_x)
+            flat_out, flat_y = out.flatten(0, 1), batch.query_y.flatten(0, 1)
+            metrics = {"loss": per_example_loss(flat_out, flat_y).mean().item()}
+            if batch.is_classification:
+                metrics["accuracy"] = accuracy(flat_out, flat_y).item()
+        return metrics
 
     def _adapt_batch(
         self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int,
@@ -171,9 +184,4 @@ class Reptile(MetaLearner):
             fast = self._adapt_batch(params, batch.support_x, batch.support_y, self.inner_steps,
                                      self.shard)
             self._accumulate({k: params[k] - fast[k].mean(0) for k in params})
-            out = vmap(self.fmodel, randomness="different")(fast, batch.query_x)
-            flat_out, flat_y = out.flatten(0, 1), batch.query_y.flatten(0, 1)
-            metrics = {"loss": per_example_loss(flat_out, flat_y).mean().item()}
-            if batch.is_classification:
-                metrics["accuracy"] = accuracy(flat_out, flat_y).item()
-        return metrics
+        return self._query_metrics(fast, batch)
