@@ -8,6 +8,7 @@ running statistics (so they use batch statistics, as the papers do).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -83,3 +84,19 @@ def reptile_loop(model, batch, inner_lr, steps, indices=None, optimizer="sgd",
             opt.step()
         phis.append({n: p.detach().clone() for n, p in net.named_parameters()})
     return {n: theta[n] - torch.stack([phi[n] for phi in phis]).mean(0) for n in theta}
+
+
+def central_differences(tensor: torch.Tensor, loss: Callable[[], torch.Tensor | float],
+                        eps: float = 1e-6, limit: int | None = None,
+                        ) -> Iterator[tuple[int, float]]:
+    """``(j, (loss(t + eps e_j) - loss(t - eps e_j)) / 2 eps)`` for the first ``limit``
+    entries of ``tensor``, perturbed in place and restored."""
+    flat = tensor.data.view(-1)
+    for j in range(flat.numel() if limit is None else min(limit, flat.numel())):
+        old = flat[j].item()
+        flat[j] = old + eps
+        up = float(loss())
+        flat[j] = old - eps
+        down = float(loss())
+        flat[j] = old
+        yield j, (up - down) / (2 * eps)

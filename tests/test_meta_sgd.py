@@ -9,7 +9,7 @@ from metalearn.algorithms.meta_sgd import param_key
 from metalearn.config import TrainConfig, build_learner
 from metalearn.data import SineTasks
 from metalearn.models import MLP
-from tests.reference import batch_stats_copy, losses_of
+from tests.reference import batch_stats_copy, central_differences, losses_of
 from tests.test_maml import grads_of, tiny_sine_batch
 
 
@@ -92,16 +92,8 @@ def test_rate_and_weight_gradients_match_finite_differences():
               (rates["4.bias"], learner.learned["4-bias"].grad),
               (model[0].weight.data, model[0].weight.grad)]
     for tensor, analytic in checks:
-        flat, analytic = tensor.view(-1), analytic.view(-1)
-        for j in range(min(4, flat.numel())):
-            old = flat[j].item()
-            flat[j] = old + eps
-            up = loss_at()
-            flat[j] = old - eps
-            down = loss_at()
-            flat[j] = old
-            assert analytic[j].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5,
-                                                       abs=1e-8)
+        for j, numeric in central_differences(tensor, loss_at, eps, limit=4):
+            assert analytic.view(-1)[j].item() == pytest.approx(numeric, rel=1e-5, abs=1e-8)
 
 
 def test_non_uniform_rates_change_the_adaptation():
