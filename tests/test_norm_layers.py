@@ -1,0 +1,90 @@
+"""Normalisation layers in a user's model: exact meta-gradients under vmap.
+
+In torch 2.13 the second derivative of the native affine instance and layer norms under
+``vmap`` is wrong (about 1e-2 relative in float64 for these models), as it is for batch
+norm; the learners compute them from ``var_mean`` instead. The reference is the plain
+per-task loop over the native layers, in float64, so a wrong double backward shows up as
+an error far above round-off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from metalearn import MAML
+from metalearn.algorithms.functional_model import FunctionalModel
+from tests.reference import maml_loop
+from tests.test_maml import synthetic_image_batch
+
+NORMS = {
+    "instance, affine": lambda: nn.InstanceNorm2d(8, affine=True),
+    "instance, plain": lambda: nn.InstanceNorm2d(8),
+    "instance, running stats in eval": lambda: nn.InstanceNorm2d(
+        8, affine=True, track_running_stats=True).eval(),
+    "layer, over C,H,W": lambda: nn.LayerNorm([8, 13, 13]),
+    "layer, last dim, no bias": lambda: nn.LayerNorm(13, bias=False),
+    "layer, no affine": lambda: nn.LayerNorm(13, elementwise_affine=False),
+    "group": lambda: nn.GroupNorm(2, 8),
+    "rms": lambda: nn.RMSNorm([13, 13]),
+}
+
+
+def small_net(norm: nn.Module) -> nn.Module:
+    # No bias before the norm: its true gradient is 0, which makes relative errors noise.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, 2, bias=False), norm, nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, 2), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    with torch.no_grad():  # non-trivial affine parameters, so that they matter
+        for name, p in net.named_parameters():
+            if name.startswith("1."):
+                p.add_(0.3 * torch.randn_like(p))
+    return net.double()
+
+
+def float64_batch():
+    b = synthetic_image_batch()
+    return type(b)(b.support_x.double(), b.support_y, b.query_x.double(), b.query_y)
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_maml_gradient_matches_native_per_task_loop(norm):
+    model = small_net(NORMS[norm]())
+    batch = float64_batch()
+    MAML(model, 0.4, 2).step(batch)
+    _, ref = maml_loop(model, batch, 0.4, 2)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_forward_equals_the_native_layer(norm):
+    model = small_net(NORMS[norm]())
+    x = float64_batch().support_x[0]
+    expected = model(x)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    f = FunctionalModel(model)
+    torch.testing.assert_close(f(f.params(), x), expected, rtol=1e-12, atol=1e-12)
+    for n, b in model.named_buffers():
+        torch.testing.assert_close(b, buffers[n], rtol=0, atol=0)
+
+
+def test_instance_norm_running_stats_are_left_alone_in_training():
+    model = small_net(nn.InstanceNorm2d(8, affine=True, track_running_stats=True))
+    norm = model[1]
+    before = norm.running_mean.clone(), norm.running_var.clone()
+    MAML(model, 0.4, 1).step(float64_batch())
+    assert torch.equal(norm.running_mean, before[0])
+    assert torch.equal(norm.running_var, before[1])
+    assert "forward" not in vars(norm)  # the patch is undone
+
+
+def test_unbatched_instance_norm_input():
+    norm = nn.InstanceNorm1d(3, affine=True).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(3, 7, dtype=torch.float64)  # (C, L): no batch dimension
+    f = FunctionalModel(norm)
+    torch.testing.assert_close(f(f.params(), x), norm(x))
