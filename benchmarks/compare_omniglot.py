@@ -54,6 +54,7 @@ def main() -> None:
     budget.update({k: int(v) for k, v in (x.split("=") for x in args.iterations.split(",") if x)})
     tag = f"5w{args.shots}s" if args.ways == 5 else f"{args.ways}w{args.shots}s"
     t_start = time.perf_counter()
+    h = header(seed=args.seed)  # the commit that runs, not the one at the end
     results = []
     for algo in args.algorithms.split(","):
         family = "reptile" if algo == "reptile" else "maml"
@@ -90,7 +91,6 @@ def main() -> None:
                   f"{100 * ev.mean[-1]:.2f} ± {100 * ev.ci95[-1]:.2f}%  ({seconds:.0f}s train)",
                   flush=True)
         results.append(row)
-    h = header(seed=args.seed)
     h.update(wall_seconds=time.perf_counter() - t_start, reduced=not args.full,
              test_tasks=args.tasks, threads=torch.get_num_threads())
     out = args.out or f"compare_omniglot_{tag}"

@@ -243,6 +243,7 @@ def main() -> None:
     args = parser.parse_args()
     studies = ("c", "d") if args.study == "all" else (args.study,)
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    started = header(seed=seeds[0] if seeds else None)  # the commit that runs
     plans = {}
     for study in studies:
         budget = REDUCED[study]
@@ -282,7 +283,7 @@ def main() -> None:
         results += rows
         if not rows:
             continue
-        h = header(seed=seeds[0])
+        h = dict(started)
         h.update(seeds=seeds, wall_seconds=time.perf_counter() - t_start, quick=args.quick,
                  reduced=not args.full, iterations=plan["iterations"],
                  val_every=plan["val_every"], threads=torch.get_num_threads(),
