@@ -1,8 +1,8 @@
 """Normalisation layers in a user's model: exact meta-gradients under vmap.
 
-In torch 2.13 the second derivative of the native affine instance and layer norms under
-``vmap`` is wrong (about 1e-2 relative in float64 for these models), as it is for batch
-norm; the learners compute them from ``var_mean`` instead. The reference is the plain
+In torch 2.13 the second derivative of the native affine batch, instance and layer norms
+under ``vmap`` is wrong (about 1e-2 relative in float64 for these models); the learners
+compute them in metalearn/algorithms/norm_layers.py instead. The reference is the plain
 per-task loop over the native layers, in float64, so a wrong double backward shows up as
 an error far above round-off.
 """
@@ -15,10 +15,13 @@ from torch import nn
 
 from metalearn import MAML
 from metalearn.algorithms.functional_model import FunctionalModel
+from metalearn.memory import SavedTensorMeter
 from tests.reference import maml_loop
 from tests.test_maml import synthetic_image_batch
 
 NORMS = {
+    "batch, affine": lambda: nn.BatchNorm2d(8),
+    "batch, no affine": lambda: nn.BatchNorm2d(8, affine=False),
     "instance, affine": lambda: nn.InstanceNorm2d(8, affine=True),
     "instance, plain": lambda: nn.InstanceNorm2d(8),
     "instance, running stats in eval": lambda: nn.InstanceNorm2d(
@@ -88,3 +91,28 @@ def test_unbatched_instance_norm_input():
     x = torch.randn(3, 7, dtype=torch.float64)  # (C, L): no batch dimension
     f = FunctionalModel(norm)
     torch.testing.assert_close(f(f.params(), x), norm(x))
+
+
+def test_inner_step_keeps_no_more_than_the_native_batch_norm():
+    # The native batch-norm double backward keeps the layer's input and the incoming
+    # gradient per inner step; autograd's generic chain through var_mean also keeps
+    # x - mean, one activation more (6 instead of 5 here). The reference is the per-task
+    # loop over the native layers, measured the same way.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 28 * 28, 5)).double()
+    batch = float64_batch()
+    activation = batch.support_x[:, :, :1].numel() * 8 * 8  # bytes, all tasks
+
+    def per_step(meta_step):
+        peak = []
+        for steps in (1, 3):
+            with SavedTensorMeter() as meter:
+                meta_step(steps)
+            peak.append(meter.peak_bytes)
+        return (peak[1] - peak[0]) / 2 / activation
+
+    ours = per_step(lambda steps: MAML(net, 0.4, steps).step(batch))
+    native = per_step(lambda steps: maml_loop(net, batch, 0.4, steps))
+    assert 4 < native < 6
+    assert ours < native + 0.05, (ours, native)

@@ -1,0 +1,140 @@
+"""Normalisation layers that use the current batch's statistics and stay exact under vmap.
+
+In torch 2.13 the second derivative of the native affine batch, instance and layer norms
+under ``vmap`` is wrong (up to 1e-2 relative in float64; tests/test_norm_layers.py), which
+would silently corrupt MAML's meta-gradient. Inside the learners these layers are
+therefore computed here instead, from ``var_mean`` and elementwise ops whose derivatives
+``vmap`` gets right. GroupNorm and RMSNorm are exact natively and are left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from math import prod
+
+import torch
+from torch import nn
+
+
+class _NormalizeWithStatistics(torch.autograd.Function):
+    """``(x - mean) * rsqrt(var + eps) * weight + bias``, statistics over ``dims``.
+
+    The backward is written out, as the native batch-norm backward is, so that MAML's
+    inner gradient keeps one activation-sized tensor per layer for the outer backward
+    (the incoming gradient) instead of the two that autograd's generic chain through
+    ``var_mean`` keeps: per inner step, as much as learn2learn's native layer.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, dims, eps):
+        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        scale = torch.rsqrt(var + eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias
+        return x * scale + shift
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, dims, eps = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.dims, ctx.eps = dims, eps
+        ctx.bias_shape = None if bias is None else bias.shape
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        dims = ctx.dims
+        # Recomputed, not saved from the forward: saved statistics would be constants in
+        # the double backward, while these stay differentiable functions of x.
+        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + ctx.eps)
+        g_mean = g.mean(dim=dims, keepdim=True)
+        g_xhat_mean = rstd * ((g * x).mean(dim=dims, keepdim=True) - mean * g_mean)
+        a = rstd if weight is None else rstd * weight
+        # dx = a * (g - mean(g) - xhat * mean(g * xhat)), as per-channel a*g + b*x + c.
+        b = -a * rstd * g_xhat_mean
+        dx = a * g + b * x - (a * g_mean + b * mean)
+        n = prod(x.shape[d] for d in dims)
+        dw = None if weight is None else (g_xhat_mean * n).sum_to_size(weight.shape)
+        db = (None if ctx.bias_shape is None
+              else g.sum(dim=dims, keepdim=True).sum_to_size(ctx.bias_shape))
+        return dx, dw, db, None, None
+
+
+def _batch_norm_with_batch_stats(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    weight = None if module.weight is None else module.weight.view(shape)
+    bias = None if module.bias is None else module.bias.view(shape)
+    return _NormalizeWithStatistics.apply(x, weight, bias, [0, *range(2, x.ndim)], module.eps)
+
+
+def _instance_norm_with_instance_stats(module: nn.modules.instancenorm._InstanceNorm,
+                                       x: torch.Tensor):
+    channel_dim = x.ndim - module._get_no_batch_dim()  # 0 for unbatched input
+    shape = (-1,) + (1,) * (x.ndim - channel_dim - 1)
+    weight = module.weight.view(shape) if module.affine else None
+    bias = module.bias.view(shape) if module.affine else None
+    return _NormalizeWithStatistics.apply(x, weight, bias, list(range(channel_dim + 1, x.ndim)),
+                                          module.eps)
+
+
+def _layer_norm(module: nn.LayerNorm, x: torch.Tensor):
+    # x * rstd - mean * rstd keeps only x (shared with var_mean) for the backward, not a
+    # normalised copy of it.
+    dims = list(range(x.ndim - len(module.normalized_shape), x.ndim))
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + module.eps)
+    out = x * rstd - mean * rstd
+    if module.weight is not None:
+        out = out * module.weight
+    if module.bias is not None:
+        out = out + module.bias
+    return out
+
+
+def _exact_forward(m: nn.Module):
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return _batch_norm_with_batch_stats
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm) and (
+            m.training or not m.track_running_stats):
+        return _instance_norm_with_instance_stats
+    if isinstance(m, nn.LayerNorm):
+        return _layer_norm
+    return None
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Make BatchNorm use batch statistics, and normalisation layers exact under vmap.
+
+    The MAML papers use batch statistics in training and at test time (transductive
+    BatchNorm). Removing the running-stat buffers for the duration also keeps them from
+    being updated in place, which ``vmap`` over tasks could not do. The buffers are put
+    back untouched on exit. InstanceNorm that normalises with each instance's statistics
+    (training mode, or no running statistics) and LayerNorm are computed here too; an
+    InstanceNorm's running statistics are not updated.
+    """
+    saved = []
+    for m in model.modules():
+        forward = _exact_forward(m)
+        # A module already patched belongs to an enclosing use of this context.
+        if forward is None or "forward" in vars(m):
+            continue
+        saved.append((m, getattr(m, "running_mean", None), getattr(m, "running_var", None)))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean = None
+            m.running_var = None
+        m.forward = forward.__get__(m)
+    try:
+        yield
+    finally:
+        for m, mean, var in saved:
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean, m.running_var = mean, var
+            del m.forward
