@@ -5,7 +5,7 @@
 ``metalearn.train`` logs every validation as ``{"iteration", "split": "val", "accuracy",
 "ci95", ...}`` in ``<checkpoint stem>.jsonl``. The logs of the runs behind
 ``compare_omniglot_5w1s*.json`` are kept in benchmarks/results/training_logs/ (copied from
-the runs' folders); by default this plots all of them, with the 95% CI over the
+the runs' folders); by default this plots all the 5w1s ones, with the 95% CI over the
 validation tasks as a band. Writes benchmarks/results/{--out}.png.
 """
 
