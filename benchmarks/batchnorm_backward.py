@@ -28,11 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import metalearn.algorithms.norm_layers as norm_layers  # noqa: E402
-from benchmarks.common import header, write_json  # noqa: E402
-from metalearn import FOMAML, MAML  # noqa: E402
-from metalearn.data import OmniglotTasks  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    header,
+    omniglot_5w1s_batch,
+    seeded_conv4_learner,
+    write_json,
+)
 from metalearn.memory import SavedTensorMeter  # noqa: E402
-from metalearn.models import Conv4  # noqa: E402
 
 CASES = (("maml", 1), ("maml", 5), ("fomaml", 5))
 
@@ -65,12 +67,9 @@ def main() -> None:
     variants = {"function": contextlib.nullcontext, "chain": chain_batch_norm}
     rows = []
     for queries in (int(q) for q in args.queries.split(",")):
-        batch = OmniglotTasks(split="train", ways=5, shots=1, queries=queries, seed=0,
-                              progress=False).sample(32)
+        batch = omniglot_5w1s_batch(queries)
         for algo, steps in CASES:
-            torch.manual_seed(0)
-            model = Conv4(ways=5)
-            learner = (FOMAML if algo == "fomaml" else MAML)(model, 0.4, steps)
+            model, learner = seeded_conv4_learner(algo, steps)
 
             def run(ctx, model=model, learner=learner, batch=batch):
                 model.zero_grad(set_to_none=True)

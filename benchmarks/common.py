@@ -21,6 +21,24 @@ if "METALEARN_DATA" not in os.environ and (_SHARED / "omniglot").is_dir():
     os.environ["METALEARN_DATA"] = str(_SHARED)
 
 
+def omniglot_5w1s_batch(queries: int, meta_batch: int = 32):
+    """The speed and memory workload's tasks: Omniglot 5-way 1-shot, train split, seed 0."""
+    from metalearn.data import OmniglotTasks
+
+    return OmniglotTasks(split="train", ways=5, shots=1, queries=queries, seed=0,
+                         progress=False).sample(meta_batch)
+
+
+def seeded_conv4_learner(algorithm: str, steps: int, inner_lr: float = 0.4):
+    """(model, learner): Conv4 with the seed-0 initial weights, under MAML or FOMAML."""
+    from metalearn import FOMAML, MAML
+    from metalearn.models import Conv4
+
+    torch.manual_seed(0)
+    model = Conv4(ways=5)
+    return model, (FOMAML if algorithm == "fomaml" else MAML)(model, inner_lr, steps)
+
+
 def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
     for _ in range(warmup):

@@ -40,10 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, header  # noqa: E402
+from benchmarks.common import RESULTS, header, omniglot_5w1s_batch  # noqa: E402
 from metalearn import MAML, TaskBatch, memory_profile  # noqa: E402
 from metalearn.checkpoint import atomic_write  # noqa: E402
-from metalearn.data import OmniglotTasks  # noqa: E402
 from metalearn.models import Conv4  # noqa: E402
 
 MODES = {"normal": False, "memory_saving": True}
@@ -180,8 +179,7 @@ def main() -> None:
     steps = [int(s) for s in args.steps.split(",")]
     t0 = time.perf_counter()
     device = torch.device(args.device)
-    batch = OmniglotTasks(split="train", ways=5, shots=1, queries=15, seed=0,
-                          progress=False).sample(args.tasks).to(device)
+    batch = omniglot_5w1s_batch(15, args.tasks).to(device)
     learners = {}
     for mode, saving in MODES.items():
         torch.manual_seed(0)  # the same initial weights in both modes

@@ -36,10 +36,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import header, median_seconds, write_json  # noqa: E402
-from metalearn import FOMAML, MAML  # noqa: E402
-from metalearn.data import OmniglotTasks  # noqa: E402
-from metalearn.models import Conv4  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    header,
+    median_seconds,
+    omniglot_5w1s_batch,
+    seeded_conv4_learner,
+    write_json,
+)
 from tests.reference import maml_loop  # noqa: E402
 
 CASES = (("maml", 1), ("maml", 5), ("fomaml", 5))
@@ -100,12 +103,9 @@ def main() -> None:
     print(f"float32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
     rows = []
     for queries in (int(q) for q in args.queries.split(",")):
-        batch = OmniglotTasks(split="train", ways=5, shots=1, queries=queries, seed=0,
-                              progress=False).sample(32)
+        batch = omniglot_5w1s_batch(queries)
         for algo, steps in CASES:
-            torch.manual_seed(0)
-            model = Conv4(ways=5)
-            learner = (FOMAML if algo == "fomaml" else MAML)(model, INNER_LR, steps)
+            model, learner = seeded_conv4_learner(algo, steps, INNER_LR)
             flops = loop_flops(model, batch, algo, steps)
 
             def run(ctx=contextlib.nullcontext, learner=learner, model=model, batch=batch):

@@ -27,10 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import header, write_json  # noqa: E402
+from benchmarks.common import header, omniglot_5w1s_batch, write_json  # noqa: E402
 from benchmarks.peers.l2l_parity import batch_statistics_only, compare, l2l_grads  # noqa: E402
 from metalearn import MAML  # noqa: E402
-from metalearn.data import OmniglotTasks  # noqa: E402
 from metalearn.memory import SavedTensorMeter  # noqa: E402
 from metalearn.models import Conv4  # noqa: E402
 
@@ -50,8 +49,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=15)
     args = parser.parse_args()
     t0 = time.perf_counter()
-    batch = OmniglotTasks(split="train", ways=5, shots=1, queries=args.queries, seed=0,
-                          progress=False).sample(args.meta_batch)
+    batch = omniglot_5w1s_batch(args.queries, args.meta_batch)
     torch.manual_seed(0)
     ours = Conv4(ways=5)
     theirs = batch_statistics_only(copy.deepcopy(ours))

@@ -26,14 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import header, write_json  # noqa: E402
+from benchmarks.common import header, omniglot_5w1s_batch, write_json  # noqa: E402
 from benchmarks.peers.l2l_parity import (  # noqa: E402
     batch_statistics_only,
     l2l_grads,
     task_loss,
 )
 from metalearn import FOMAML, MAML, Reptile  # noqa: E402
-from metalearn.data import OmniglotTasks  # noqa: E402
 from metalearn.models import Conv4  # noqa: E402
 
 CASES = (("maml", 1), ("maml", 5), ("fomaml", 5), ("reptile", 5))
@@ -91,8 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for queries in (1, 15):
-        batch = OmniglotTasks(split="train", ways=5, shots=1, queries=queries, seed=0,
-                              progress=False).sample(args.meta_batch)
+        batch = omniglot_5w1s_batch(queries, args.meta_batch)
         for algo, steps in CASES:
             torch.manual_seed(0)
             ours = Conv4(ways=5)
