@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from metalearn import MAML
+from metalearn import FOMAML, MAML, Reptile
 from metalearn.algorithms.functional_model import FunctionalModel
+from metalearn.algorithms.norm_layers import differentiated_at_most_once
 from metalearn.memory import SavedTensorMeter
-from tests.reference import maml_loop
+from tests.reference import maml_loop, reptile_loop
 from tests.test_maml import synthetic_image_batch
 
 NORMS = {
@@ -62,6 +63,48 @@ def test_maml_gradient_matches_native_per_task_loop(norm):
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("algorithm", ["fomaml", "reptile"])
+def test_first_order_gradient_matches_native_per_task_loop(norm, algorithm):
+    # First-order paths run the native kernels (differentiated_at_most_once): their first
+    # derivatives under vmap must be exact.
+    model = small_net(NORMS[norm]())
+    batch = float64_batch()
+    if algorithm == "fomaml":
+        FOMAML(model, 0.4, 3).step(batch)
+        _, ref = maml_loop(model, batch, 0.4, 3, first_order=True)
+    else:
+        Reptile(model, 0.4, 3).step(batch)
+        ref = reptile_loop(model, batch, 0.4, 3)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-9, atol=1e-12)
+
+
+def _autograd_nodes(out: torch.Tensor) -> set[str]:
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node.name() in seen:
+            continue
+        seen.add(node.name())
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return seen
+
+
+def test_native_kernels_only_inside_differentiated_at_most_once():
+    model = small_net(nn.BatchNorm2d(8))
+    x = float64_batch().support_x[0]
+    f = FunctionalModel(model)
+    exact = _autograd_nodes(f(f.params(), x))
+    with differentiated_at_most_once():
+        native = _autograd_nodes(f(f.params(), x))
+    assert not any("NativeBatchNorm" in n for n in exact), exact
+    assert any("NativeBatchNorm" in n for n in native), native
+    with pytest.raises(RuntimeError), differentiated_at_most_once():
+        raise RuntimeError
+    assert _autograd_nodes(f(f.params(), x)) == exact  # the flag is reset, even on error
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
 def test_forward_equals_the_native_layer(norm):
     model = small_net(NORMS[norm]())
     x = float64_batch().support_x[0]
@@ -69,6 +112,8 @@ def test_forward_equals_the_native_layer(norm):
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     f = FunctionalModel(model)
     torch.testing.assert_close(f(f.params(), x), expected, rtol=1e-12, atol=1e-12)
+    with differentiated_at_most_once():
+        torch.testing.assert_close(f(f.params(), x), expected, rtol=1e-12, atol=1e-12)
     for n, b in model.named_buffers():
         torch.testing.assert_close(b, buffers[n], rtol=0, atol=0)
 
@@ -91,6 +136,8 @@ def test_unbatched_instance_norm_input():
     x = torch.randn(3, 7, dtype=torch.float64)  # (C, L): no batch dimension
     f = FunctionalModel(norm)
     torch.testing.assert_close(f(f.params(), x), norm(x))
+    with differentiated_at_most_once():
+        torch.testing.assert_close(f(f.params(), x), norm(x))
 
 
 def test_inner_step_keeps_no_more_than_the_native_batch_norm():

@@ -10,6 +10,7 @@ from torch.func import grad
 
 from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.maml import MAML
+from metalearn.algorithms.norm_layers import differentiated_at_most_once
 
 InnerSelection = str | Sequence[str] | Callable[[str], bool] | None
 
@@ -115,7 +116,7 @@ class ANIL(MAML):
         path = []
         for _ in range(steps):
             if self.first_order:
-                with torch.no_grad():
+                with torch.no_grad(), differentiated_at_most_once():
                     g = head_grad(head)
             else:
                 g = head_grad(head)

@@ -10,6 +10,7 @@ from torch.func import vmap
 
 from metalearn.algorithms.functional_model import FunctionalModel, Params
 from metalearn.algorithms.losses import check_flood, flooded_mean, per_example_loss
+from metalearn.algorithms.norm_layers import differentiated_at_most_once
 from metalearn.data.task_batch import TaskBatch
 
 
@@ -101,7 +102,7 @@ class MetaLearner:
         params = self.fmodel.params()
         self._record_trajectory = trajectory
         try:
-            with torch.no_grad():
+            with torch.no_grad(), differentiated_at_most_once():
                 fast = self._adapt_batch(params, support_x, support_y, steps)
         finally:
             self._record_trajectory = False
@@ -123,9 +124,10 @@ class MetaLearner:
         """Outputs for ``x`` under adapted weights from :meth:`adapt` (batched or not)."""
         reference = self.fmodel.params()
         name = next(iter(reference))
-        if fast[name].ndim == reference[name].ndim:
-            return self.fmodel(fast, x)
-        return vmap(self.fmodel, randomness="different")(fast, x)
+        with differentiated_at_most_once():
+            if fast[name].ndim == reference[name].ndim:
+                return self.fmodel(fast, x)
+            return vmap(self.fmodel, randomness="different")(fast, x)
 
     # -- checks -------------------------------------------------------------------------
     def _check_inputs(self, x: torch.Tensor, y: torch.Tensor, which: str) -> None:

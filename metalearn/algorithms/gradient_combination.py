@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from metalearn.algorithms.functional_model import Params
+from metalearn.algorithms.norm_layers import differentiated_at_most_once
 from metalearn.algorithms.reptile import Reptile, minibatch_indices
 from metalearn.data.task_batch import TaskBatch
 
@@ -200,7 +201,7 @@ class GradientCombination(Reptile):
             idx = minibatch_indices(total, size, self.inner_batch, support_steps, self.sampling,
                                     self.generator)
             idx = idx[offset: offset + len(batch)].to(batch.support_x.device)
-        with torch.no_grad():
+        with torch.no_grad(), differentiated_at_most_once():
             return vmap(self._task_direction, in_dims=(None, 0, 0, 0, 0, 0 if idx is not None
                                                        else None), randomness="different")(
                 self.fmodel.params(), batch.support_x, batch.support_y, batch.query_x,

@@ -11,6 +11,7 @@ from torch.func import grad, vmap
 from metalearn.algorithms.base import MetaLearner, check_lr, check_steps
 from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.losses import accuracy, flooded_mean, per_example_loss
+from metalearn.algorithms.norm_layers import differentiated_at_most_once
 from metalearn.data.task_batch import TaskBatch
 
 
@@ -125,7 +126,8 @@ class IMAML(MetaLearner):
         return self._finish(fast, path)
 
     def _query(self, phi: Params, x: torch.Tensor, y: torch.Tensor):
-        out = self.fmodel(phi, x)
+        with differentiated_at_most_once():
+            out = self.fmodel(phi, x)
         loss = flooded_mean(per_example_loss(out, y, self.label_smoothing), self.outer_flood,
                             self.flood_mode)
         metric = accuracy(out, y) if not y.dtype.is_floating_point else loss

@@ -13,6 +13,7 @@ from torch.func import grad, vjp, vmap
 from metalearn.algorithms.base import MetaLearner
 from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.losses import accuracy, flooded_mean, per_example_loss
+from metalearn.algorithms.norm_layers import differentiated_at_most_once
 from metalearn.data.task_batch import TaskBatch
 
 
@@ -116,7 +117,7 @@ class MAML(MetaLearner):
         for _ in range(steps):
             if self.first_order:
                 # The outer graph never sees the inner gradient: it is a constant shift.
-                with torch.no_grad():
+                with torch.no_grad(), differentiated_at_most_once():
                     g = inner_grad(fast, x, y)
             else:
                 g = inner_grad(fast, x, y)
@@ -127,7 +128,8 @@ class MAML(MetaLearner):
     def _query_loss(
         self, fast: Params, qx: torch.Tensor, qy: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.fmodel(fast, qx)
+        with differentiated_at_most_once():
+            out = self.fmodel(fast, qx)
         loss = flooded_mean(per_example_loss(out, qy, self.label_smoothing),
                             self.outer_flood, self.flood_mode)
         acc = accuracy(out, qy) if not qy.dtype.is_floating_point else loss.detach()

@@ -13,6 +13,7 @@ from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.losses import accuracy, flooded_mean, per_example_loss
 from metalearn.algorithms.maml import MAML
 from metalearn.algorithms.meta_sgd import LearnedState, param_key
+from metalearn.algorithms.norm_layers import differentiated_at_most_once
 from metalearn.data.task_batch import TaskBatch
 
 
@@ -176,7 +177,7 @@ class MAMLPlusPlus(LearnedState, MAML):
         for k in range(steps):
             bn = self._bn_at(k)
             if first_order:
-                with torch.no_grad():
+                with torch.no_grad(), differentiated_at_most_once():
                     g = grad(self._support_loss)(adapted, bn, x, y)
             else:
                 g = grad(self._support_loss)(adapted, bn, x, y)
@@ -207,7 +208,8 @@ class MAMLPlusPlus(LearnedState, MAML):
 
     # -- the outer objective ------------------------------------------------------------
     def _query(self, fast: Params, x: torch.Tensor, y: torch.Tensor):
-        out = self.fmodel(fast, x)
+        with differentiated_at_most_once():
+            out = self.fmodel(fast, x)
         loss = flooded_mean(per_example_loss(out, y, self.label_smoothing), self.outer_flood,
                             self.flood_mode)
         return loss, (accuracy(out, y) if not y.dtype.is_floating_point else loss.detach())

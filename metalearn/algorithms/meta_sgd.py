@@ -10,6 +10,7 @@ from torch.func import grad
 
 from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.maml import MAML
+from metalearn.algorithms.norm_layers import differentiated_at_most_once
 from metalearn.data.task_batch import TaskBatch
 
 
@@ -104,7 +105,7 @@ class MetaSGD(LearnedState, MAML):
         fast, path = params, []
         for _ in range(steps):
             if self.first_order:
-                with torch.no_grad():
+                with torch.no_grad(), differentiated_at_most_once():
                     g = inner_grad(fast, x, y)
             else:
                 g = inner_grad(fast, x, y)

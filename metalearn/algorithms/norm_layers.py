@@ -5,16 +5,41 @@ under ``vmap`` is wrong (up to 1e-2 relative in float64; tests/test_norm_layers.
 would silently corrupt MAML's meta-gradient. Inside the learners these layers are
 therefore computed here instead, from ``var_mean`` and elementwise ops whose derivatives
 ``vmap`` gets right. GroupNorm and RMSNorm are exact natively and are left alone.
+
+Only second derivatives are wrong, and the exact layer costs time (an ``autograd.Function``
+under vmap). Code whose graph is differentiated at most once (first-order inner loops,
+query losses, evaluation) runs under :func:`differentiated_at_most_once`, where the layers
+are the native kernels (with batch statistics and no running-stat updates, as above).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from math import prod
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# Off by default: a forward whose graph may be differentiated twice must get the exact layer.
+_AT_MOST_ONCE: ContextVar[bool] = ContextVar("differentiated_at_most_once", default=False)
+
+
+@contextmanager
+def differentiated_at_most_once() -> Iterator[None]:
+    """Use the native normalisation kernels for forwards run inside this block.
+
+    Only for code whose autograd graph is differentiated at most once (no ``create_graph``
+    through it, no gradient of a ``torch.func.grad`` computed inside): the native kernels'
+    first derivatives are exact under vmap, their second derivatives are not.
+    """
+    token = _AT_MOST_ONCE.set(True)
+    try:
+        yield
+    finally:
+        _AT_MOST_ONCE.reset(token)
 
 
 class _NormalizeWithStatistics(torch.autograd.Function):
@@ -68,6 +93,8 @@ class _NormalizeWithStatistics(torch.autograd.Function):
 
 
 def _batch_norm_with_batch_stats(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
+    if _AT_MOST_ONCE.get():
+        return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
     shape = (1, -1) + (1,) * (x.ndim - 2)
     weight = None if module.weight is None else module.weight.view(shape)
     bias = None if module.bias is None else module.bias.view(shape)
@@ -77,6 +104,11 @@ def _batch_norm_with_batch_stats(module: nn.modules.batchnorm._BatchNorm, x: tor
 def _instance_norm_with_instance_stats(module: nn.modules.instancenorm._InstanceNorm,
                                        x: torch.Tensor):
     channel_dim = x.ndim - module._get_no_batch_dim()  # 0 for unbatched input
+    if _AT_MOST_ONCE.get():
+        weight, bias = (module.weight, module.bias) if module.affine else (None, None)
+        batched = x if channel_dim else x.unsqueeze(0)
+        out = F.instance_norm(batched, None, None, weight, bias, True, 0.0, module.eps)
+        return out if channel_dim else out.squeeze(0)
     shape = (-1,) + (1,) * (x.ndim - channel_dim - 1)
     weight = module.weight.view(shape) if module.affine else None
     bias = module.bias.view(shape) if module.affine else None
@@ -87,6 +119,8 @@ def _instance_norm_with_instance_stats(module: nn.modules.instancenorm._Instance
 def _layer_norm(module: nn.LayerNorm, x: torch.Tensor):
     # x * rstd - mean * rstd keeps only x (shared with var_mean) for the backward, not a
     # normalised copy of it.
+    if _AT_MOST_ONCE.get():
+        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
     dims = list(range(x.ndim - len(module.normalized_shape), x.ndim))
     var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
     rstd = torch.rsqrt(var + module.eps)

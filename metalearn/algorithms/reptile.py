@@ -11,6 +11,7 @@ from torch.func import grad, vmap
 from metalearn.algorithms.base import MetaLearner
 from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.losses import accuracy, per_example_loss
+from metalearn.algorithms.norm_layers import differentiated_at_most_once
 from metalearn.data.task_batch import TaskBatch
 
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -145,7 +146,7 @@ class Reptile(MetaLearner):
 
     def _query_metrics(self, fast: Params, batch: TaskBatch) -> dict[str, float]:
         """Query loss (and accuracy) at the per-task weights ``fast``."""
-        with torch.no_grad():
+        with torch.no_grad(), differentiated_at_most_once():
             out = vmap(self.fmodel, randomness="different")(fast, batch.query_x)
             flat_out, flat_y = out.flatten(0, 1), batch.query_y.flatten(0, 1)
             metrics = {"loss": per_example_loss(flat_out, flat_y).mean().item()}
@@ -180,7 +181,7 @@ class Reptile(MetaLearner):
         """Accumulate ``theta - mean_i phi_i`` into ``p.grad``; return query metrics at phi."""
         self._check_batch(batch)
         params = self.fmodel.params()
-        with torch.no_grad():
+        with torch.no_grad(), differentiated_at_most_once():
             fast = self._adapt_batch(params, batch.support_x, batch.support_y, self.inner_steps,
                                      self.shard)
             self._accumulate({k: params[k] - fast[k].mean(0) for k in params})
