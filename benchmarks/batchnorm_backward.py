@@ -1,17 +1,21 @@
-"""BatchNorm's backward written out (autograd.Function) against autograd's generic chain.
+"""Three ways to compute BatchNorm with batch statistics under vmap, timed side by side.
 
     python benchmarks/batchnorm_backward.py [--repeats 5] [--queries 1,15]
 
-Both compute BatchNorm with the batch's statistics exactly under vmap (see
-metalearn/algorithms/norm_layers.py). "function" is the library's: an autograd.Function
-whose backward is the native layer's formula in differentiable ops, so MAML's inner
-gradient keeps one activation per layer (the incoming gradient). "chain" is the previous
-formulation, ``x * scale + shift`` from ``var_mean``, whose backward autograd derives and
-which also keeps ``x - mean``. Omniglot 5w1s, Conv4, meta-batch 32, MAML 1 and 5 steps
-and FOMAML 5, same weights and batch, gradients compared; the two variants alternate
-within each repeat so that both see the same machine state. Reports the median seconds
-per meta-iteration and the saved-for-backward MiB. Writes
-benchmarks/results/batchnorm_backward.json.
+All three give exact meta-gradients (see metalearn/algorithms/norm_layers.py):
+
+- "library": what the learners do. The native kernel wherever the graph is differentiated
+  at most once (first-order inner loops, query losses, evaluation), and an
+  autograd.Function whose backward is the native formula in differentiable ops where
+  MAML takes a second derivative (the native double backward is wrong under vmap).
+- "function": that Function everywhere (the library at the previous stop).
+- "chain": ``x * scale + shift`` from ``var_mean`` everywhere, whose backward autograd
+  derives; it also keeps ``x - mean`` per inner step (the library two stops ago).
+
+Omniglot 5w1s, Conv4, meta-batch 32, MAML 1 and 5 steps, FOMAML 5 and Reptile 5, same
+weights and batch, gradients compared; the variants alternate within each repeat so that
+all see the same machine state. Reports the median seconds per meta-iteration and the
+saved-for-backward MiB. Writes benchmarks/results/batchnorm_backward.json.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from metalearn.memory import SavedTensorMeter  # noqa: E402
 
-CASES = (("maml", 1), ("maml", 5), ("fomaml", 5))
+CASES = (("maml", 1), ("maml", 5), ("fomaml", 5), ("reptile", 5))
 
 
 def _chain_batch_norm(module, x):
@@ -45,6 +49,29 @@ def _chain_batch_norm(module, x):
     var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
     scale = torch.rsqrt(var + module.eps) * module.weight.view(shape)
     return x * scale + (module.bias.view(shape) - mean * scale)
+
+
+class _Never:
+    """Stands in for the library's "differentiated at most once" flag: never set."""
+
+    def get(self) -> bool:
+        return False
+
+    def set(self, value: bool) -> None:
+        return None
+
+    def reset(self, token: None) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def function_everywhere():
+    original = norm_layers._AT_MOST_ONCE
+    norm_layers._AT_MOST_ONCE = _Never()
+    try:
+        yield
+    finally:
+        norm_layers._AT_MOST_ONCE = original
 
 
 @contextlib.contextmanager
@@ -64,7 +91,8 @@ def main() -> None:
     args = parser.parse_args()
     t_start = time.perf_counter()
     h = header(seed=0)
-    variants = {"function": contextlib.nullcontext, "chain": chain_batch_norm}
+    variants = {"library": contextlib.nullcontext, "function": function_everywhere,
+                "chain": chain_batch_norm}
     rows = []
     for queries in (int(q) for q in args.queries.split(",")):
         batch = omniglot_5w1s_batch(queries)
@@ -89,17 +117,16 @@ def main() -> None:
                     run(ctx)
                     times[name].append(time.perf_counter() - t0)
             scale = max(g.abs().max().item() for g in grads["chain"])
-            diff = max((a - b).abs().max().item() for a, b in zip(grads["function"],
-                                                                  grads["chain"]))
+            diff = max((a - b).abs().max().item() for name in ("library", "function")
+                       for a, b in zip(grads[name], grads["chain"]))
             seconds = {n: statistics.median(t) for n, t in times.items()}
             row = {"queries_per_class": queries, "algorithm": algo, "inner_steps": steps,
                    "seconds": seconds, "saved_mib": saved, "grad_rel_diff": diff / scale,
-                   "time_function_over_chain": seconds["function"] / seconds["chain"]}
+                   "time_over_library": {n: seconds[n] / seconds["library"] for n in seconds}}
             rows.append(row)
-            print(f"(q={queries:2d}) {algo}-{steps}: function {seconds['function']:.3f}s "
-                  f"{saved['function']:.1f} MiB | chain {seconds['chain']:.3f}s "
-                  f"{saved['chain']:.1f} MiB | time x{row['time_function_over_chain']:.2f}  "
-                  f"grad diff {diff / scale:.1e}", flush=True)
+            cells = " | ".join(f"{n} {seconds[n]:.3f}s {saved[n]:.1f} MiB" for n in variants)
+            print(f"(q={queries:2d}) {algo}-{steps}: {cells} | grad diff {diff / scale:.1e}",
+                  flush=True)
     h.update(wall_seconds=time.perf_counter() - t_start, repeats=args.repeats,
              threads=torch.get_num_threads(), meta_batch=32)
     print(f"wrote {write_json('batchnorm_backward.json', {'header': h, 'rows': rows})}")

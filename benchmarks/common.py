@@ -30,13 +30,14 @@ def omniglot_5w1s_batch(queries: int, meta_batch: int = 32):
 
 
 def seeded_conv4_learner(algorithm: str, steps: int, inner_lr: float = 0.4):
-    """(model, learner): Conv4 with the seed-0 initial weights, under MAML or FOMAML."""
-    from metalearn import FOMAML, MAML
+    """(model, learner): Conv4 with the seed-0 initial weights, under MAML, FOMAML or Reptile."""
+    from metalearn import FOMAML, MAML, Reptile
     from metalearn.models import Conv4
 
     torch.manual_seed(0)
     model = Conv4(ways=5)
-    return model, (FOMAML if algorithm == "fomaml" else MAML)(model, inner_lr, steps)
+    return model, {"maml": MAML, "fomaml": FOMAML, "reptile": Reptile}[algorithm](
+        model, inner_lr, steps)
 
 
 def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:

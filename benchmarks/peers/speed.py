@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--meta-batch", type=int, default=32)
     args = parser.parse_args()
+    t_start = time.perf_counter()
+    h = header(seed=0)  # at the start: the commit that runs, even if HEAD moves meanwhile
     rows = []
     for queries in (1, 15):
         batch = omniglot_5w1s_batch(queries, args.meta_batch)
@@ -119,9 +121,8 @@ def main() -> None:
             print(f"({'a' if queries == 1 else 'b'}) {queries:2d} q/class {algo:7s} k={steps}  "
                   f"metalearn {t_ours:.3f}s  learn2learn {t_theirs:.3f}s  "
                   f"x{row['speedup']:.2f}  parity {parity:.1e}", flush=True)
-    h = header(seed=0)
-    h.update(learn2learn=l2l.__version__, threads=torch.get_num_threads(),
-             meta_batch=args.meta_batch, repeats=args.repeats)
+    h.update(wall_seconds=time.perf_counter() - t_start, learn2learn=l2l.__version__,
+             threads=torch.get_num_threads(), meta_batch=args.meta_batch, repeats=args.repeats)
     print(f"wrote {write_json('speed_vs_l2l.json', {'header': h, 'rows': rows})}")
 
 
