@@ -51,8 +51,6 @@ class _NormalizeWithStatistics(torch.autograd.Function):
     ``var_mean`` keeps: per inner step, as much as learn2learn's native layer.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(x, weight, bias, dims, eps):
         var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
@@ -90,6 +88,26 @@ class _NormalizeWithStatistics(torch.autograd.Function):
         db = (None if ctx.bias_shape is None
               else g.sum(dim=dims, keepdim=True).sum_to_size(ctx.bias_shape))
         return dx, dw, db, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, dims, eps):
+        # The layer is already batched over its statistics dims, so a batch of tasks is one
+        # more leading dim: cheaper than generate_vmap_rule, which builds a new Function
+        # class per call.
+        x_dim, w_dim, b_dim = in_dims[:3]
+        x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(info.batch_size, *x.shape)
+        weight, bias = _leading(weight, w_dim, x.ndim), _leading(bias, b_dim, x.ndim)
+        out = _NormalizeWithStatistics.apply(x, weight, bias, [d + 1 for d in dims], eps)
+        return out, 0
+
+
+def _leading(t: torch.Tensor | None, dim: int | None, ndim: int) -> torch.Tensor | None:
+    """A per-task parameter (task dim ``dim``) put first and broadcastable against an
+    ``ndim``-dim input with a leading task dim; a shared one broadcasts as it is."""
+    if t is None or dim is None:
+        return t
+    t = t.movedim(dim, 0)
+    return t.view(t.shape[0], *(1,) * (ndim - t.ndim), *t.shape[1:])
 
 
 def _batch_norm_with_batch_stats(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
