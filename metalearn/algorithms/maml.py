@@ -128,8 +128,7 @@ class MAML(MetaLearner):
     def _query_loss(
         self, fast: Params, qx: torch.Tensor, qy: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        with differentiated_at_most_once():
-            out = self.fmodel(fast, qx)
+        out = self.fmodel(fast, qx)
         loss = flooded_mean(per_example_loss(out, qy, self.label_smoothing),
                             self.outer_flood, self.flood_mode)
         acc = accuracy(out, qy) if not qy.dtype.is_floating_point else loss.detach()

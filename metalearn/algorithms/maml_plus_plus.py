@@ -208,8 +208,7 @@ class MAMLPlusPlus(LearnedState, MAML):
 
     # -- the outer objective ------------------------------------------------------------
     def _query(self, fast: Params, x: torch.Tensor, y: torch.Tensor):
-        with differentiated_at_most_once():
-            out = self.fmodel(fast, x)
+        out = self.fmodel(fast, x)
         loss = flooded_mean(per_example_loss(out, y, self.label_smoothing), self.outer_flood,
                             self.flood_mode)
         return loss, (accuracy(out, y) if not y.dtype.is_floating_point else loss.detach())
