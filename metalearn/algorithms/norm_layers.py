@@ -94,7 +94,10 @@ class _NormalizeWithStatistics(torch.autograd.Function):
         # Written by hand: generate_vmap_rule builds a new Function class per call.
         x_dim, w_dim, b_dim = in_dims[:3]
         x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(info.batch_size, *x.shape)
-        if list(dims) == [0, *range(2, x.ndim - 1)]:
+        # Batch norm whose tasks and channels merge into one dim without a copy (the
+        # layout of a grouped convolution's output; not that of a convolution with weights
+        # shared by all tasks, where a copy would be kept besides x).
+        if list(dims) == [0, *range(2, x.ndim - 1)] and x.stride(0) == x.shape[2] * x.stride(2):
             return _task_batch_norm(x, weight, w_dim, bias, b_dim, eps), 1
         # The layer is already batched over its statistics dims, so a batch of tasks is one
         # more leading dim.
