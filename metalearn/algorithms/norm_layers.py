@@ -6,10 +6,14 @@ would silently corrupt MAML's meta-gradient. Inside the learners these layers ar
 therefore computed here instead, from ``var_mean`` and elementwise ops whose derivatives
 ``vmap`` gets right. GroupNorm and RMSNorm are exact natively and are left alone.
 
-Only second derivatives are wrong, and the exact layer costs time (an ``autograd.Function``
-under vmap). Code whose graph is differentiated at most once (first-order inner loops,
-query losses, evaluation) runs under :func:`differentiated_at_most_once`, where the layers
-are the native kernels (with batch statistics and no running-stat updates, as above).
+Only second derivatives are wrong. The Function's vmap rule therefore runs the native
+batch-norm kernel for all tasks below the vmap level, where it is only differentiated
+once, and keeps the written-out backward for the levels that differentiate twice. Code
+with no outer graph whose forward is differentiated at most once (first-order inner
+loops, evaluation, all under ``torch.no_grad``) runs under
+:func:`differentiated_at_most_once`, where the layers are the plain native functions
+(with batch statistics and no running-stat updates, as above); not around a forward whose
+graph is kept, because vmap's own batch-norm rule keeps a normalised copy of the input.
 """
 
 from __future__ import annotations
