@@ -67,10 +67,9 @@ class _Never:
 
 
 def _written_out_task_batch_norm(x, weight, w_dim, bias, b_dim, eps):
-    weight = norm_layers._leading(weight, w_dim, x.ndim)
-    bias = norm_layers._leading(bias, b_dim, x.ndim)
-    dims = [1, *range(3, x.ndim)]
-    return norm_layers._NormalizeWithStatistics.apply(x, weight, bias, dims, eps).movedim(0, 1)
+    dims = [0, *range(2, x.ndim - 1)]  # per task
+    return norm_layers._task_normalize_written_out(
+        x, weight, w_dim, bias, b_dim, dims, eps).movedim(0, 1)
 
 
 @contextlib.contextmanager

@@ -103,11 +103,19 @@ class _NormalizeWithStatistics(torch.autograd.Function):
         # shared by all tasks, where a copy would be kept besides x).
         if list(dims) == [0, *range(2, x.ndim - 1)] and x.stride(0) == x.shape[2] * x.stride(2):
             return _task_batch_norm(x, weight, w_dim, bias, b_dim, eps), 1
-        # The layer is already batched over its statistics dims, so a batch of tasks is one
-        # more leading dim.
-        weight, bias = _leading(weight, w_dim, x.ndim), _leading(bias, b_dim, x.ndim)
-        out = _NormalizeWithStatistics.apply(x, weight, bias, [d + 1 for d in dims], eps)
-        return out, 0
+        return _task_normalize_written_out(x, weight, w_dim, bias, b_dim, dims, eps), 0
+
+
+def _task_normalize_written_out(x: torch.Tensor, weight: torch.Tensor | None,
+                                w_dim: int | None, bias: torch.Tensor | None,
+                                b_dim: int | None, dims: list[int], eps: float) -> torch.Tensor:
+    """The Function over every task at once: ``x`` is ``(tasks, ...)``, and so is the result.
+
+    The layer is already batched over its statistics dims, so a batch of tasks is one more
+    leading dim.
+    """
+    weight, bias = _leading(weight, w_dim, x.ndim), _leading(bias, b_dim, x.ndim)
+    return _NormalizeWithStatistics.apply(x, weight, bias, [d + 1 for d in dims], eps)
 
 
 def _task_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, w_dim: int | None,
