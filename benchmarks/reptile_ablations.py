@@ -271,6 +271,7 @@ def main() -> None:
     for study, plan in plans.items():
         t_start = time.perf_counter()
         rows = []
+        total = len(seeds) * len(plan["runs"])
         for seed in seeds:
             for run in plan["runs"]:
                 row = train_run(run, seed, plan["iterations"], plan["val"], plan["test"],
@@ -279,34 +280,41 @@ def main() -> None:
                 t = row["test"]
                 print(f"[{study}] {run.name:34s} seed {seed}: test "
                       f"{100 * t['accuracy'][-1]:6.2f} ± {100 * t['ci95'][-1]:.2f}%  "
-                      f"{row['median_step_seconds']:.4f} s/it", flush=True)
+                      f"{row['median_step_seconds']:.4f} s/it  ({len(rows)}/{total})", flush=True)
+                # Written after every run, so a long study stopped part-way keeps what it did.
+                write_study(args, study, plan, started, seeds, rows, t_start,
+                            complete=len(rows) == total)
         results += rows
-        if not rows:
-            continue
-        h = dict(started)
-        h.update(seeds=seeds, wall_seconds=time.perf_counter() - t_start, quick=args.quick,
-                 reduced=not args.full, iterations=plan["iterations"],
-                 val_every=plan["val_every"], threads=torch.get_num_threads(),
-                 device=args.device)
-        setup = {"study": study, "ways": WAYS, "shots": SHOTS, "inner_lr": INNER_LR,
-                 "inner_optimizer": "sgd", "meta_step": META_STEP, "meta_step_final": 0.0,
-                 "outer": "SGD, lr = meta_step * inner_lr, linear to 0",
-                 "meta_batch": args.meta_batch, "eval_steps": EVAL_STEPS,
-                 "eval_queries_per_class": args.eval_queries, "val_tasks": len(plan["val"]),
-                 "test_tasks": len(plan["test"]), "transductive": False,
-                 "paper_iterations": PAPER_ITERATIONS}
-        if study == "d":
-            setup.update(pool_shots=POOL_SHOTS_D, tail_shots=TAIL_SHOTS,
-                         sweep_iterations=SWEEP_ITERATIONS, sweep_batches=SWEEP_BATCHES,
-                         sweep_point=[D_ITERATIONS, D_BATCH])
-        name = f"reptile_ablations_{study}"
-        path = args.out_dir / f"{name}.json"
-        payload = {"header": h, "setup": setup, "results": rows}
-        atomic_write(path, lambda f, p=payload: f.write(json.dumps(p, indent=2).encode()))
-        plot(rows, study, args.out_dir / f"{name}.png", plan["iterations"])
-        print(f"wrote {path}")
     if args.quick:
         report_timing(results, plans, len(seeds))
+
+
+def write_study(args: argparse.Namespace, study: str, plan: dict, started: dict,
+                seeds: list[int], rows: list[dict], t_start: float, complete: bool) -> None:
+    """The study's JSON and plot so far; ``header.complete`` says whether every run is in."""
+    h = dict(started)
+    h.update(seeds=seeds, wall_seconds=time.perf_counter() - t_start, quick=args.quick,
+             reduced=not args.full, iterations=plan["iterations"],
+             val_every=plan["val_every"], threads=torch.get_num_threads(),
+             device=args.device, complete=complete, runs_done=len(rows),
+             runs_planned=len(seeds) * len(plan["runs"]))
+    setup = {"study": study, "ways": WAYS, "shots": SHOTS, "inner_lr": INNER_LR,
+             "inner_optimizer": "sgd", "meta_step": META_STEP, "meta_step_final": 0.0,
+             "outer": "SGD, lr = meta_step * inner_lr, linear to 0",
+             "meta_batch": args.meta_batch, "eval_steps": EVAL_STEPS,
+             "eval_queries_per_class": args.eval_queries, "val_tasks": len(plan["val"]),
+             "test_tasks": len(plan["test"]), "transductive": False,
+             "paper_iterations": PAPER_ITERATIONS}
+    if study == "d":
+        setup.update(pool_shots=POOL_SHOTS_D, tail_shots=TAIL_SHOTS,
+                     sweep_iterations=SWEEP_ITERATIONS, sweep_batches=SWEEP_BATCHES,
+                     sweep_point=[D_ITERATIONS, D_BATCH])
+    name = f"reptile_ablations_{study}"
+    path = args.out_dir / f"{name}.json"
+    payload = {"header": h, "setup": setup, "results": rows}
+    atomic_write(path, lambda f, p=payload: f.write(json.dumps(p, indent=2).encode()))
+    plot(rows, study, args.out_dir / f"{name}.png", plan["iterations"])
+    print(f"wrote {path}", flush=True)
 
 
 def report_timing(results: list[dict], plans: dict, n_seeds: int) -> None:
