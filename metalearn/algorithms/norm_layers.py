@@ -76,21 +76,9 @@ class _NormalizeWithStatistics(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        dims = ctx.dims
-        # Recomputed, not saved from the forward: saved statistics would be constants in
-        # the double backward, while these stay differentiable functions of x.
-        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-        rstd = torch.rsqrt(var + ctx.eps)
-        g_mean = g.mean(dim=dims, keepdim=True)
-        g_xhat_mean = rstd * ((g * x).mean(dim=dims, keepdim=True) - mean * g_mean)
-        a = rstd if weight is None else rstd * weight
-        # dx = a * (g - mean(g) - xhat * mean(g * xhat)), as per-channel a*g + b*x + c.
-        b = -a * rstd * g_xhat_mean
-        dx = a * g + b * x - (a * g_mean + b * mean)
-        n = prod(x.shape[d] for d in dims)
-        dw = None if weight is None else (g_xhat_mean * n).sum_to_size(weight.shape)
-        db = (None if ctx.bias_shape is None
-              else g.sum(dim=dims, keepdim=True).sum_to_size(ctx.bias_shape))
+        dx, sum_g_xhat, sum_g = _NormalizeBackward.apply(x, weight, g, ctx.dims, ctx.eps)
+        dw = None if weight is None else sum_g_xhat.sum_to_size(weight.shape)
+        db = None if ctx.bias_shape is None else sum_g.sum_to_size(ctx.bias_shape)
         return dx, dw, db, None, None
 
     @staticmethod
@@ -104,6 +92,84 @@ class _NormalizeWithStatistics(torch.autograd.Function):
         if list(dims) == [0, *range(2, x.ndim - 1)] and x.stride(0) == x.shape[2] * x.stride(2):
             return _task_batch_norm(x, weight, w_dim, bias, b_dim, eps), 1
         return _task_normalize_written_out(x, weight, w_dim, bias, b_dim, dims, eps), 0
+
+
+class _NormalizeBackward(torch.autograd.Function):
+    """The layer's backward as one node: ``(dx, sum(g * xhat), sum(g))`` from ``(x, weight, g)``.
+
+    As a Function it saves only ``x``, ``weight`` and ``g``, which the graph holds anyway;
+    written in elementwise ops, autograd would also save about ten per-channel statistics
+    per layer and inner step. Its backward (the layer's second derivative, which MAML's
+    outer step takes) is written out in differentiable ops, with the statistics recomputed
+    from ``x``, so a third derivative stays exact as well.
+    """
+
+    @staticmethod
+    def forward(x, weight, g, dims, eps):
+        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+        g_mean = g.mean(dim=dims, keepdim=True)
+        g_xhat_mean = rstd * ((g * x).mean(dim=dims, keepdim=True) - mean * g_mean)
+        a = rstd if weight is None else rstd * weight
+        # dx = a * (g - mean(g) - xhat * mean(g * xhat)), as per-channel a*g + b*x + c.
+        b = -a * rstd * g_xhat_mean
+        dx = a * g + b * x - (a * g_mean + b * mean)
+        n = prod(x.shape[d] for d in dims)
+        return dx, g_xhat_mean * n, g.sum(dim=dims, keepdim=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, g, dims, eps = inputs
+        ctx.save_for_backward(x, weight, g)
+        ctx.dims, ctx.eps = dims, eps
+
+    @staticmethod
+    def backward(ctx, gdx, g_sum_g_xhat, g_sum_g):
+        x, weight, g = ctx.saved_tensors
+        dims = ctx.dims
+        n = prod(x.shape[d] for d in dims)
+
+        def mean(t: torch.Tensor) -> torch.Tensor:
+            return t.mean(dim=dims, keepdim=True)
+
+        var, mu = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + ctx.eps)
+        xhat = (x - mu) * rstd
+        q = mean(g * xhat)
+        # r * (g - mean(g) - xhat * mean(g * xhat)): dx / weight, and the pattern of every
+        # derivative of a sum over xhat.
+        centred_g = rstd * (g - mean(g) - xhat * q)
+        grad_x = grad_g = grad_w = None
+        if g_sum_g_xhat is not None:  # d sum(g * xhat): xhat in g, its derivative in x
+            grad_g = g_sum_g_xhat * xhat
+            grad_x = g_sum_g_xhat * centred_g
+        if g_sum_g is not None:
+            grad_g = g_sum_g.expand_as(g) if grad_g is None else grad_g + g_sum_g
+        if gdx is not None:
+            u = gdx if weight is None else gdx * weight
+            du = rstd * (u - mean(u) - xhat * mean(u * xhat))  # dx is linear in g
+            grad_g = du if grad_g is None else grad_g + du
+            if weight is not None:
+                grad_w = (gdx * centred_g).sum_to_size(weight.shape)
+            # dx = r * sum-free terms in x through rstd, xhat and mean(g * xhat):
+            p = (u * xhat).sum(dim=dims, keepdim=True)
+            s = (u * (g - mean(g))).sum(dim=dims, keepdim=True)
+            from_dx = (rstd * rstd) * (xhat * ((p * q - s) / n) - q * (u - mean(u) - xhat * (p / n))
+                                       ) - rstd * (p / n) * centred_g
+            grad_x = from_dx if grad_x is None else grad_x + from_dx
+        return grad_x, grad_w, grad_g, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, g, dims, eps):
+        x_dim, w_dim, g_dim = in_dims[:3]
+
+        def leading(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+            return t.movedim(dim, 0) if dim is not None else t.expand(info.batch_size, *t.shape)
+
+        x, g = leading(x, x_dim), leading(g, g_dim)
+        out = _NormalizeBackward.apply(x, _leading(weight, w_dim, x.ndim), g,
+                                       [d + 1 for d in dims], eps)
+        return out, (0, 0, 0)
 
 
 def _task_normalize_written_out(x: torch.Tensor, weight: torch.Tensor | None,
