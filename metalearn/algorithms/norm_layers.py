@@ -124,39 +124,43 @@ class _NormalizeBackward(torch.autograd.Function):
         ctx.dims, ctx.eps = dims, eps
 
     @staticmethod
-    def backward(ctx, gdx, g_sum_g_xhat, g_sum_g):
+    def backward(ctx, gdx, c1, c2):
+        # With xhat = r (x - mu), q = mean(g xhat) and u = gdx * weight, differentiating
+        # <gdx, dx> + <c1, sum(g xhat)> + <c2, sum(g)> gives per-channel combinations of
+        # x, g and u (derived by hand; tests/test_norm_layers.py checks them against finite
+        # differences). Written that way they cost three elementwise passes, not twenty.
         x, weight, g = ctx.saved_tensors
         dims = ctx.dims
         n = prod(x.shape[d] for d in dims)
 
-        def mean(t: torch.Tensor) -> torch.Tensor:
-            return t.mean(dim=dims, keepdim=True)
+        def total(t: torch.Tensor) -> torch.Tensor:
+            return t.sum(dim=dims, keepdim=True)
 
+        if gdx is None:
+            gdx = torch.zeros_like(g)
+        c1 = 0.0 if c1 is None else c1
+        c2 = 0.0 if c2 is None else c2
         var, mu = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-        rstd = torch.rsqrt(var + ctx.eps)
-        xhat = (x - mu) * rstd
-        q = mean(g * xhat)
-        # r * (g - mean(g) - xhat * mean(g * xhat)): dx / weight, and the pattern of every
-        # derivative of a sum over xhat.
-        centred_g = rstd * (g - mean(g) - xhat * q)
-        grad_x = grad_g = grad_w = None
-        if g_sum_g_xhat is not None:  # d sum(g * xhat): xhat in g, its derivative in x
-            grad_g = g_sum_g_xhat * xhat
-            grad_x = g_sum_g_xhat * centred_g
-        if g_sum_g is not None:
-            grad_g = g_sum_g.expand_as(g) if grad_g is None else grad_g + g_sum_g
-        if gdx is not None:
-            u = gdx if weight is None else gdx * weight
-            du = rstd * (u - mean(u) - xhat * mean(u * xhat))  # dx is linear in g
-            grad_g = du if grad_g is None else grad_g + du
-            if weight is not None:
-                grad_w = (gdx * centred_g).sum_to_size(weight.shape)
-            # dx = r * sum-free terms in x through rstd, xhat and mean(g * xhat):
-            p = (u * xhat).sum(dim=dims, keepdim=True)
-            s = (u * (g - mean(g))).sum(dim=dims, keepdim=True)
-            from_dx = (rstd * rstd) * (xhat * ((p * q - s) / n) - q * (u - mean(u) - xhat * (p / n))
-                                       ) - rstd * (p / n) * centred_g
-            grad_x = from_dx if grad_x is None else grad_x + from_dx
+        r = torch.rsqrt(var + ctx.eps)
+        g_mean = g.mean(dim=dims, keepdim=True)
+        q = r * (total(g * x) / n - mu * g_mean)
+        d_g, d_x, d_1 = total(gdx * g), total(gdx * x), total(gdx)
+        w = 1.0 if weight is None else weight
+        u_g, u_x, u_1 = w * d_g, w * d_x, w * d_1  # sums of u * g, u * x and u
+        p = r * (u_x - mu * u_1)  # sum(u xhat)
+        s = u_g - g_mean * u_1  # sum(u (g - mean g))
+        u_mean = u_1 / n
+        # centred_g = r (g - mean g - xhat q) = r g + kx x + k0
+        kx, k0 = -r * r * q, r * r * q * mu - r * g_mean
+        big_c = c1 - r * p / n
+        big_d = r * r * (2 * p * q - s) / n
+        grad_x = ((big_c * r) * g + (big_c * kx + big_d * r) * x + (-r * r * q * w) * gdx
+                  + (big_c * k0 - big_d * r * mu + r * r * q * u_mean))
+        grad_g = ((r * w) * gdx + (c1 * r - r * r * p / n) * x
+                  + (c2 - c1 * r * mu + r * r * p * mu / n - r * u_mean))
+        grad_w = None
+        if weight is not None:
+            grad_w = (r * d_g + kx * d_x + k0 * d_1).sum_to_size(weight.shape)
         return grad_x, grad_w, grad_g, None, None
 
     @staticmethod
