@@ -381,18 +381,21 @@ def plot(rows: list[dict], study: str, path: Path, iterations: int) -> None:
                 pts = list(dict.fromkeys(pts))
                 ks = sorted((k, c) for k, b, c in pts if b == D_BATCH)
                 bs = sorted((b, c) for k, b, c in pts if k == D_ITERATIONS)
-                style = "-" if sampling == "cycle" else "--"
+                # One colour per variant and one marker per sampling, in both panels.
+                style = dict(linestyle="-" if sampling == "cycle" else "--",
+                             marker="o" if sampling == "cycle" else "s",
+                             color=f"C{VARIANTS.index(variant)}")
                 for ax, xs in ((axes[0], ks), (axes[1], bs)):
                     if xs:
                         ax.errorbar([x for x, _ in xs], [final(c) for _, c in xs],
-                                    yerr=[final(c, "ci95") for _, c in xs], linestyle=style,
-                                    marker="o", capsize=2, label=label)
+                                    yerr=[final(c, "ci95") for _, c in xs], capsize=2,
+                                    label=label, **style)
         axes[0].set_xlabel(f"inner iterations (batch {D_BATCH})")
         axes[1].set_xlabel(f"inner batch size ({D_ITERATIONS} iterations)")
         for ax in axes:
             ax.set_ylabel("test accuracy % (5 SGD steps, mean 95% CI)")
             ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=7)
+        axes[0].legend(fontsize=7)
         fig.suptitle(f"Omniglot 5w5s mini-batch overlap ({iterations} it)")
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
