@@ -127,8 +127,9 @@ class _NormalizeBackward(torch.autograd.Function):
     def backward(ctx, gdx, c1, c2):
         # With xhat = r (x - mu), q = mean(g xhat) and u = gdx * weight, differentiating
         # <gdx, dx> + <c1, sum(g xhat)> + <c2, sum(g)> gives per-channel combinations of
-        # x, g and u (derived by hand; tests/test_norm_layers.py checks them against finite
-        # differences). Written that way they cost three elementwise passes, not twenty.
+        # x - mu, g - mean(g) and gdx (derived by hand; tests/test_norm_layers.py checks them
+        # against finite differences): three elementwise passes instead of about twenty.
+        # Centring x and g first keeps float32 from cancelling mu against x.
         x, weight, g = ctx.saved_tensors
         dims = ctx.dims
         n = prod(x.shape[d] for d in dims)
@@ -142,25 +143,21 @@ class _NormalizeBackward(torch.autograd.Function):
         c2 = 0.0 if c2 is None else c2
         var, mu = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
         r = torch.rsqrt(var + ctx.eps)
-        g_mean = g.mean(dim=dims, keepdim=True)
-        q = r * (total(g * x) / n - mu * g_mean)
-        d_g, d_x, d_1 = total(gdx * g), total(gdx * x), total(gdx)
+        xc, gc = x - mu, g - g.mean(dim=dims, keepdim=True)
+        q = r * total(gc * xc) / n
+        d_g, d_x, d_1 = total(gdx * gc), total(gdx * xc), total(gdx)
         w = 1.0 if weight is None else weight
-        u_g, u_x, u_1 = w * d_g, w * d_x, w * d_1  # sums of u * g, u * x and u
-        p = r * (u_x - mu * u_1)  # sum(u xhat)
-        s = u_g - g_mean * u_1  # sum(u (g - mean g))
-        u_mean = u_1 / n
-        # centred_g = r (g - mean g - xhat q) = r g + kx x + k0
-        kx, k0 = -r * r * q, r * r * q * mu - r * g_mean
+        p = r * w * d_x  # sum(u xhat)
+        s = w * d_g  # sum(u (g - mean g))
+        u_mean = w * d_1 / n
         big_c = c1 - r * p / n
         big_d = r * r * (2 * p * q - s) / n
-        grad_x = ((big_c * r) * g + (big_c * kx + big_d * r) * x + (-r * r * q * w) * gdx
-                  + (big_c * k0 - big_d * r * mu + r * r * q * u_mean))
-        grad_g = ((r * w) * gdx + (c1 * r - r * r * p / n) * x
-                  + (c2 - c1 * r * mu + r * r * p * mu / n - r * u_mean))
+        grad_x = ((big_c * r) * gc + (big_d * r - big_c * r * r * q) * xc
+                  + (-r * r * q * w) * gdx + r * r * q * u_mean)
+        grad_g = (r * w) * gdx + (c1 * r - r * r * p / n) * xc + (c2 - r * u_mean)
         grad_w = None
         if weight is not None:
-            grad_w = (r * d_g + kx * d_x + k0 * d_1).sum_to_size(weight.shape)
+            grad_w = (r * d_g - r * r * q * d_x).sum_to_size(weight.shape)
         return grad_x, grad_w, grad_g, None, None
 
     @staticmethod
