@@ -282,22 +282,22 @@ def main() -> None:
                       f"{100 * t['accuracy'][-1]:6.2f} ± {100 * t['ci95'][-1]:.2f}%  "
                       f"{row['median_step_seconds']:.4f} s/it  ({len(rows)}/{total})", flush=True)
                 # Written after every run, so a long study stopped part-way keeps what it did.
-                write_study(args, study, plan, started, seeds, rows, t_start,
-                            complete=len(rows) == total)
+                write_study(args, study, plan, started, seeds, rows, t_start)
         results += rows
     if args.quick:
         report_timing(results, plans, len(seeds))
 
 
 def write_study(args: argparse.Namespace, study: str, plan: dict, started: dict,
-                seeds: list[int], rows: list[dict], t_start: float, complete: bool) -> None:
+                seeds: list[int], rows: list[dict], t_start: float) -> None:
     """The study's JSON and plot so far; ``header.complete`` says whether every run is in."""
+    planned = len(seeds) * len(plan["runs"])
     h = dict(started)
     h.update(seeds=seeds, wall_seconds=time.perf_counter() - t_start, quick=args.quick,
              reduced=not args.full, iterations=plan["iterations"],
              val_every=plan["val_every"], threads=torch.get_num_threads(),
-             device=args.device, complete=complete, runs_done=len(rows),
-             runs_planned=len(seeds) * len(plan["runs"]))
+             device=args.device, complete=len(rows) == planned, runs_done=len(rows),
+             runs_planned=planned)
     setup = {"study": study, "ways": WAYS, "shots": SHOTS, "inner_lr": INNER_LR,
              "inner_optimizer": "sgd", "meta_step": META_STEP, "meta_step_final": 0.0,
              "outer": "SGD, lr = meta_step * inner_lr, linear to 0",

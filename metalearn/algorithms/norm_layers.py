@@ -8,7 +8,8 @@ therefore computed here instead, from ``var_mean`` and elementwise ops whose der
 
 Only second derivatives are wrong. The Function's vmap rule therefore runs the native
 batch-norm kernel for all tasks below the vmap level, where it is only differentiated
-once, and keeps the written-out backward for the levels that differentiate twice. Code
+once, and keeps the written-out backward and double backward for the levels that
+differentiate twice. Code
 with no outer graph whose forward is differentiated at most once (first-order inner
 loops, evaluation, all under ``torch.no_grad``) runs under
 :func:`differentiated_at_most_once`, where the layers are the plain native functions
@@ -49,10 +50,11 @@ def differentiated_at_most_once() -> Iterator[None]:
 class _NormalizeWithStatistics(torch.autograd.Function):
     """``(x - mean) * rsqrt(var + eps) * weight + bias``, statistics over ``dims``.
 
-    The backward is written out, as the native batch-norm backward is, so that MAML's
-    inner gradient keeps one activation-sized tensor per layer for the outer backward
-    (the incoming gradient) instead of the two that autograd's generic chain through
-    ``var_mean`` keeps: per inner step, as much as learn2learn's native layer.
+    The backward is written out, as the native batch-norm backward is, as one node
+    (:class:`_NormalizeBackward`), so that MAML's inner gradient keeps only the layer's
+    input, weight and incoming gradient for the outer backward: per inner step, no more
+    than learn2learn's native layer (autograd's generic chain through ``var_mean`` also
+    keeps ``x - mean``, and the backward in elementwise ops per-channel statistics).
     """
 
     @staticmethod
@@ -85,7 +87,7 @@ class _NormalizeWithStatistics(torch.autograd.Function):
     def vmap(info, in_dims, x, weight, bias, dims, eps):
         # Written by hand: generate_vmap_rule builds a new Function class per call.
         x_dim, w_dim, b_dim = in_dims[:3]
-        x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(info.batch_size, *x.shape)
+        x = _task_first(x, x_dim, info.batch_size)
         # Batch norm whose tasks and channels merge into one dim without a copy (the
         # layout of a grouped convolution's output; not that of a convolution with weights
         # shared by all tasks, where a copy would be kept besides x).
@@ -163,11 +165,7 @@ class _NormalizeBackward(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, x, weight, g, dims, eps):
         x_dim, w_dim, g_dim = in_dims[:3]
-
-        def leading(t: torch.Tensor, dim: int | None) -> torch.Tensor:
-            return t.movedim(dim, 0) if dim is not None else t.expand(info.batch_size, *t.shape)
-
-        x, g = leading(x, x_dim), leading(g, g_dim)
+        x, g = _task_first(x, x_dim, info.batch_size), _task_first(g, g_dim, info.batch_size)
         out = _NormalizeBackward.apply(x, _leading(weight, w_dim, x.ndim), g,
                                        [d + 1 for d in dims], eps)
         return out, (0, 0, 0)
@@ -208,6 +206,11 @@ def _task_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, w_dim: int | 
     out = F.batch_norm(flat, None, None, per_task_channel(weight, w_dim),
                        per_task_channel(bias, b_dim), True, 0.0, eps)
     return out.view(n, tasks, c, *x.shape[3:])
+
+
+def _task_first(t: torch.Tensor, dim: int | None, tasks: int) -> torch.Tensor:
+    """An activation-like input with its task dim first (expanded if it has none)."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(tasks, *t.shape)
 
 
 def _leading(t: torch.Tensor | None, dim: int | None, ndim: int) -> torch.Tensor | None:
