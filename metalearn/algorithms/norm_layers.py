@@ -65,8 +65,8 @@ class _NormalizeWithStatistics(torch.autograd.Function):
         scale = torch.rsqrt(var + eps)
         if weight is not None:
             scale = scale * weight
-        out = (x - mean) * scale
-        return out if bias is None else out + bias
+        xc = x - mean
+        return xc * scale if bias is None else torch.addcmul(bias, xc, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -108,17 +108,16 @@ class _NormalizeBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, g, dims, eps):
-        # dx = a * (g - mean(g) - xhat * mean(g * xhat)), on x and g centred first for
-        # float32's sake, as in the backward below.
+        # dx = a * (g - mean(g) - xhat * mean(g * xhat)), on x centred first for float32's
+        # sake, as in the backward below; sum(xc) = 0, so mean(g * xhat) needs no centred g.
         var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
         rstd = torch.rsqrt(var + eps)
         xc = x - mean
         g_sum = g.sum(dim=dims, keepdim=True)
         n = prod(x.shape[d] for d in dims)
-        gc = g - g_sum / n
-        g_xhat_mean = rstd * (gc * xc).mean(dim=dims, keepdim=True)
+        g_xhat_mean = rstd * (g * xc).mean(dim=dims, keepdim=True)
         a = rstd if weight is None else rstd * weight
-        dx = a * (gc - (rstd * g_xhat_mean) * xc)
+        dx = torch.addcmul(a * (g - g_sum / n), xc, -a * rstd * g_xhat_mean)
         return dx, g_xhat_mean * n, g_sum
 
     @staticmethod
