@@ -56,6 +56,28 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
+    """Median wall time of each ``fns[name]()``, the calls taking turns round by round.
+
+    Taking turns spreads a slow spell of this shared machine over all the candidates
+    instead of one, so that their ratio is steadier than that of back-to-back blocks.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def header(seed: int | None = None) -> dict:
     """Command, commit, machine and versions, with the script's own command line."""
     h = run_header()

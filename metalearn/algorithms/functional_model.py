@@ -7,6 +7,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metalearn.algorithms.norm_layers import batch_statistics
+from metalearn.algorithms.task_convolution import per_task_convolutions
 
 Params = dict[str, torch.Tensor]
 
@@ -44,5 +45,5 @@ class FunctionalModel:
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
     def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        with batch_statistics(self.module):
+        with batch_statistics(self.module), per_task_convolutions(self.module):
             return functional_call(self.module, params, (x,), strict=False)
