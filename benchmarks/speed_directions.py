@@ -4,9 +4,13 @@
 
 Omniglot 5-way 1-shot, Conv4, meta-batch 32, at (a) 1 and (b) 15 queries per class, for
 MAML with 1 and 5 inner steps and FOMAML with 5. In one run, side by side on the same
-weights and batch, each direction is timed against the library's default path (``vmap``
-over tasks, which turns per-task convolutions into grouped ones):
+weights and batch, each direction is timed against the library's default path, taking
+turns round by round (``vmap`` over tasks, which turns per-task convolutions into
+grouped ones, except where a task's batch has at least ``PER_TASK_MIN_BATCH`` images:
+those run task by task, metalearn/algorithms/task_convolution.py):
 
+* ``grouped_convolutions``: every convolution grouped by ``vmap``, whatever its batch (the
+  default before the per-task convolutions);
 * ``unfold_matmul``: every ``nn.Conv2d`` as ``unfold`` + matmul (im2col), so that under
   ``vmap`` the per-task convolutions and their double backward become batched matmuls;
 * ``one_thread``: ``torch.set_num_threads(1)`` instead of the default;
@@ -38,11 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     header,
+    interleaved_medians,
     median_seconds,
     omniglot_5w1s_batch,
     seeded_conv4_learner,
     write_json,
 )
+from metalearn.algorithms import task_convolution  # noqa: E402
 from tests.reference import maml_loop  # noqa: E402
 
 CASES = (("maml", 1), ("maml", 5), ("fomaml", 5))
@@ -68,6 +74,16 @@ def conv_as_matmul(model: nn.Module):
     finally:
         for m in convs:
             del m.forward
+
+
+@contextlib.contextmanager
+def grouped_convolutions():
+    before = task_convolution.PER_TASK_MIN_BATCH
+    task_convolution.PER_TASK_MIN_BATCH = sys.maxsize
+    try:
+        yield
+    finally:
+        task_convolution.PER_TASK_MIN_BATCH = before
 
 
 @contextlib.contextmanager
@@ -117,12 +133,16 @@ def main() -> None:
             reference = run()
             scale = max(g.abs().max().item() for g in reference)
             directions = {"default": contextlib.nullcontext,
+                          "grouped_convolutions": grouped_convolutions,
                           "unfold_matmul": lambda model=model: conv_as_matmul(model),
                           "one_thread": lambda: threads(1)}
             row = {"queries_per_class": queries, "algorithm": algo, "inner_steps": steps,
                    "flops": flops}
+            medians = interleaved_medians(
+                {name: lambda ctx=ctx: run(ctx) for name, ctx in directions.items()},
+                repeats=args.repeats)
             for name, ctx in directions.items():
-                seconds = median_seconds(lambda ctx=ctx: run(ctx), repeats=args.repeats)
+                seconds = medians[name]
                 diff = max((a - b).abs().max().item() for a, b in zip(run(ctx), reference))
                 row[name] = {"seconds": seconds, "gflops": flops / seconds / 1e9,
                              "fraction_of_peak": flops / seconds / 1e9 / peak,

@@ -6,8 +6,9 @@
 Omniglot 5-way 1-shot, Conv4, meta-batch 32, at (a) 1 and (b) 15 queries per class;
 MAML with 1 and 5 inner steps, FOMAML and Reptile with 5. Both libraries start from the
 same weights and see the same batches, and the meta-gradients are checked for parity
-before anything is timed. learn2learn has no Reptile class; its example (deepcopy the
-model per task, SGD steps, average the differences) is what we time for it.
+before anything is timed; the two then take turns, round by round. learn2learn has no
+Reptile class; its example (deepcopy the model per task, SGD steps, average the
+differences) is what we time for it.
 Run on an idle machine. Writes benchmarks/results/speed_vs_l2l.json.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import header, omniglot_5w1s_batch, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    header,
+    interleaved_medians,
+    omniglot_5w1s_batch,
+    write_json,
+)
 from benchmarks.peers.l2l_parity import (  # noqa: E402
     batch_statistics_only,
     l2l_grads,
@@ -73,16 +78,6 @@ def max_rel(a, b):
         y.abs().max().item() for y in b)
 
 
-def median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -112,8 +107,9 @@ def main() -> None:
             def run_theirs(theirs=theirs, batch=batch, algo=algo, steps=steps):
                 l2l_step(theirs, batch, algo, steps)
 
-            t_ours = median_time(run_ours, args.repeats)
-            t_theirs = median_time(run_theirs, args.repeats)
+            medians = interleaved_medians({"ours": run_ours, "theirs": run_theirs},
+                                          args.repeats)
+            t_ours, t_theirs = medians["ours"], medians["theirs"]
             row = {"queries_per_class": queries, "algorithm": algo, "inner_steps": steps,
                    "metalearn_seconds": t_ours, "learn2learn_seconds": t_theirs,
                    "speedup": t_theirs / t_ours, "grad_parity_max_rel": parity}
