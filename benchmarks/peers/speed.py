@@ -8,7 +8,8 @@ MAML with 1 and 5 inner steps, FOMAML and Reptile with 5. Both libraries start f
 same weights and see the same batches, and the meta-gradients are checked for parity
 before anything is timed; the two then take turns, round by round. learn2learn has no
 Reptile class; its example (deepcopy the model per task, SGD steps, average the
-differences) is what we time for it.
+differences) is what we time for it, with the query loss and accuracy after adaptation
+that metalearn's ``Reptile.step`` returns.
 Run on an idle machine. Writes benchmarks/results/speed_vs_l2l.json.
 """
 
@@ -58,6 +59,12 @@ def l2l_step(model, batch, algo, steps):
                 opt.step()
             for d, t, p in zip(deltas, theta, net.parameters()):
                 d.add_(t - p.detach(), alpha=1 / len(batch))
+            # The query loss and accuracy after adaptation, which metalearn's Reptile.step
+            # returns too: the same work on both sides.
+            with torch.no_grad():
+                out = net(batch.query_x[i])
+                task_loss(out, batch.query_y[i]).item()
+                (out.argmax(1) == batch.query_y[i]).float().mean().item()
         for p, d in zip(model.parameters(), deltas):
             p.grad = d
         return
