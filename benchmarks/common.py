@@ -78,11 +78,16 @@ def interleaved_medians(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+SPEED_ENVIRONMENT = ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LD_PRELOAD")
+
+
 def header(seed: int | None = None) -> dict:
     """Command, commit, machine and versions, with the script's own command line."""
     h = run_header()
     h["command"] = " ".join(["python", *sys.argv])
     h["seed"] = seed
+    # Settings that change the speed of the same code (the allocator, thread counts).
+    h["environment"] = {k: os.environ[k] for k in SPEED_ENVIRONMENT if k in os.environ}
     return h
 
 

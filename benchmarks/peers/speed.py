@@ -10,7 +10,8 @@ before anything is timed; the two then take turns, round by round. learn2learn h
 Reptile class; its example (deepcopy the model per task, SGD steps, average the
 differences) is what we time for it, with the query loss and accuracy after adaptation
 that metalearn's ``Reptile.step`` returns.
-Run on an idle machine. Writes benchmarks/results/speed_vs_l2l.json.
+Run on an idle machine. Writes benchmarks/results/speed_vs_l2l.json (or ``--out``); the
+header records GLIBC_TUNABLES and thread variables if set (benchmarks/malloc_tunables.py).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--meta-batch", type=int, default=32)
+    parser.add_argument("--out", default="speed_vs_l2l.json", help="results file name")
     args = parser.parse_args()
     t_start = time.perf_counter()
     h = header(seed=0)  # at the start: the commit that runs, even if HEAD moves meanwhile
@@ -126,7 +128,7 @@ def main() -> None:
                   f"x{row['speedup']:.2f}  parity {parity:.1e}", flush=True)
     h.update(wall_seconds=time.perf_counter() - t_start, learn2learn=l2l.__version__,
              threads=torch.get_num_threads(), meta_batch=args.meta_batch, repeats=args.repeats)
-    print(f"wrote {write_json('speed_vs_l2l.json', {'header': h, 'rows': rows})}")
+    print(f"wrote {write_json(args.out, {'header': h, 'rows': rows})}")
 
 
 if __name__ == "__main__":

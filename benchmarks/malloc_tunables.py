@@ -1,0 +1,101 @@
+"""What glibc's allocator settings do to a meta-iteration on CPU.
+
+    python benchmarks/malloc_tunables.py [--rounds 2] [--repeats 3]
+
+torch's CPU tensors come from ``malloc``; glibc serves blocks above its mmap threshold
+(at most 32 MB) with fresh ``mmap`` pages and unmaps them on free, so every large
+activation of a batched meta-iteration (up to 128 MB here) is page-faulted in again, at
+a few GB/s. With ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...``
+(``TUNED`` below) every block comes from the heap and freed memory is kept for reuse; the
+price is that the process keeps its peak memory until it exits. The setting is read when
+a process starts, so each measurement is a child process; children run one at a time,
+the two settings taking turns round by round. Omniglot 5w1s, Conv4, meta-batch 32, at 1
+and 15 queries per class. Run it on an idle machine. Writes
+benchmarks/results/malloc_tunables.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TUNED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
+WORKLOADS = (("maml", 1), ("maml", 5), ("fomaml", 5), ("anil", 1))
+
+
+def child(repeats: int) -> None:
+    import torch
+
+    from benchmarks.common import interleaved_medians, omniglot_5w1s_batch
+    from metalearn import ANIL, FOMAML, MAML
+    from metalearn.models import Conv4
+
+    classes = {"maml": MAML, "fomaml": FOMAML, "anil": ANIL}
+    fns = {}
+    for queries in (1, 15):
+        batch = omniglot_5w1s_batch(queries)
+        for algo, steps in WORKLOADS:
+            torch.manual_seed(0)
+            model = Conv4(ways=5)
+            learner = classes[algo](model, 0.4, steps)
+
+            def run(model=model, learner=learner, batch=batch):
+                model.zero_grad(set_to_none=True)
+                learner.step(batch)
+
+            fns[f"{queries}/{algo}/{steps}"] = run
+    print(json.dumps(interleaved_medians(fns, repeats=repeats)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per child")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.repeats)
+        return
+    from benchmarks.common import header, write_json
+
+    if os.environ.get("GLIBC_TUNABLES"):
+        parser.error("GLIBC_TUNABLES is set; run this without it (it sets it for the children)")
+    t_start = time.perf_counter()
+    settings = {"default": None, "tuned": TUNED}
+    runs: dict[str, list[dict]] = {name: [] for name in settings}
+    for r in range(args.rounds):
+        for name, tunables in settings.items():
+            env = dict(os.environ)
+            if tunables:
+                env["GLIBC_TUNABLES"] = tunables
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", "--repeats", str(args.repeats)],
+                env=env, check=True, capture_output=True, text=True, cwd=ROOT)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1}/{args.rounds}: {name} done", flush=True)
+    rows = []
+    for key in runs["default"][0]:
+        queries, algo, steps = key.split("/")
+        t = {name: statistics.median(run[key] for run in runs[name]) for name in settings}
+        rows.append({"queries_per_class": int(queries), "algorithm": algo,
+                     "inner_steps": int(steps), "default_seconds": t["default"],
+                     "tuned_seconds": t["tuned"], "speedup": t["default"] / t["tuned"]})
+        print(f"({'a' if queries == '1' else 'b'}) {algo}-{steps}: default {t['default']:.3f}s "
+              f"tuned {t['tuned']:.3f}s  x{t['default'] / t['tuned']:.2f}", flush=True)
+    h = header(seed=0)
+    h.update(wall_seconds=time.perf_counter() - t_start, tuned=TUNED, rounds=args.rounds,
+             repeats=args.repeats)
+    print(f"wrote {write_json('malloc_tunables.json', {'header': h, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
