@@ -49,6 +49,7 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from metalearn.algorithms import task_convolution  # noqa: E402
+from metalearn.algorithms.layer_swap import swapped_forwards  # noqa: E402
 from tests.reference import maml_loop  # noqa: E402
 
 CASES = (("maml", 1), ("maml", 5), ("fomaml", 5))
@@ -64,16 +65,9 @@ def _conv_as_matmul(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 
-@contextlib.contextmanager
 def conv_as_matmul(model: nn.Module):
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    for m in convs:
-        m.forward = _conv_as_matmul.__get__(m)
-    try:
-        yield
-    finally:
-        for m in convs:
-            del m.forward
+    return swapped_forwards(
+        model, lambda m: _conv_as_matmul if isinstance(m, nn.Conv2d) else None)
 
 
 @contextlib.contextmanager

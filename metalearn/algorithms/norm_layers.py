@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metalearn.algorithms.layer_swap import leading, swapped_forwards, task_first
+
 # Off by default: a forward whose graph may be differentiated twice must get the exact layer.
 _AT_MOST_ONCE: ContextVar[bool] = ContextVar("differentiated_at_most_once", default=False)
 
@@ -87,7 +89,7 @@ class _NormalizeWithStatistics(torch.autograd.Function):
     def vmap(info, in_dims, x, weight, bias, dims, eps):
         # Written by hand: generate_vmap_rule builds a new Function class per call.
         x_dim, w_dim, b_dim = in_dims[:3]
-        x = _task_first(x, x_dim, info.batch_size)
+        x = task_first(x, x_dim, info.batch_size)
         # Batch norm whose tasks and channels merge into one dim without a copy (the
         # layout of a grouped convolution's output; not that of a convolution with weights
         # shared by all tasks, where a copy would be kept besides x).
@@ -166,8 +168,8 @@ class _NormalizeBackward(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, x, weight, g, dims, eps):
         x_dim, w_dim, g_dim = in_dims[:3]
-        x, g = _task_first(x, x_dim, info.batch_size), _task_first(g, g_dim, info.batch_size)
-        out = _NormalizeBackward.apply(x, _leading(weight, w_dim, x.ndim), g,
+        x, g = task_first(x, x_dim, info.batch_size), task_first(g, g_dim, info.batch_size)
+        out = _NormalizeBackward.apply(x, leading(weight, w_dim, x.ndim), g,
                                        [d + 1 for d in dims], eps)
         return out, (0, 0, 0)
 
@@ -180,7 +182,7 @@ def _task_normalize_written_out(x: torch.Tensor, weight: torch.Tensor | None,
     The layer is already batched over its statistics dims, so a batch of tasks is one more
     leading dim.
     """
-    weight, bias = _leading(weight, w_dim, x.ndim), _leading(bias, b_dim, x.ndim)
+    weight, bias = leading(weight, w_dim, x.ndim), leading(bias, b_dim, x.ndim)
     return _NormalizeWithStatistics.apply(x, weight, bias, [d + 1 for d in dims], eps)
 
 
@@ -207,20 +209,6 @@ def _task_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, w_dim: int | 
     out = F.batch_norm(flat, None, None, per_task_channel(weight, w_dim),
                        per_task_channel(bias, b_dim), True, 0.0, eps)
     return out.view(n, tasks, c, *x.shape[3:])
-
-
-def _task_first(t: torch.Tensor, dim: int | None, tasks: int) -> torch.Tensor:
-    """An activation-like input with its task dim first (expanded if it has none)."""
-    return t.movedim(dim, 0) if dim is not None else t.expand(tasks, *t.shape)
-
-
-def _leading(t: torch.Tensor | None, dim: int | None, ndim: int) -> torch.Tensor | None:
-    """A per-task parameter (task dim ``dim``) put first and broadcastable against an
-    ``ndim``-dim input with a leading task dim; a shared one broadcasts as it is."""
-    if t is None or dim is None:
-        return t
-    t = t.movedim(dim, 0)
-    return t.view(t.shape[0], *(1,) * (ndim - t.ndim), *t.shape[1:])
 
 
 def _batch_norm_with_batch_stats(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
@@ -285,21 +273,14 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
     (training mode, or no running statistics) and LayerNorm are computed here too; an
     InstanceNorm's running statistics are not updated.
     """
-    saved = []
-    for m in model.modules():
-        forward = _exact_forward(m)
-        # A module already patched belongs to an enclosing use of this context.
-        if forward is None or "forward" in vars(m):
-            continue
-        saved.append((m, getattr(m, "running_mean", None), getattr(m, "running_var", None)))
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+    with swapped_forwards(model, _exact_forward) as swapped:
+        saved = [(m, m.running_mean, m.running_var) for m in swapped
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m, _, _ in saved:
             m.running_mean = None
             m.running_var = None
-        m.forward = forward.__get__(m)
-    try:
-        yield
-    finally:
-        for m, mean, var in saved:
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        try:
+            yield
+        finally:
+            for m, mean, var in saved:
                 m.running_mean, m.running_var = mean, var
-            del m.forward

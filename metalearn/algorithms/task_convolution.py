@@ -21,13 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metalearn.algorithms.layer_swap import swapped_forwards, task_first
+
 # Per-task batch from which the loop beats the grouped convolution on Conv4's layers on a
 # 2-core CPU (task_convolution_crossover.json: even at 20 images, 1.5x faster at 40).
 PER_TASK_MIN_BATCH = 32
-
-
-def _task_first(t: torch.Tensor, dim: int | None, tasks: int) -> torch.Tensor:
-    return t.movedim(dim, 0) if dim is not None else t.expand(tasks, *t.shape)
 
 
 def _conv_backward(g, x, w, stride, padding, dilation, groups, mask=(True, True, True)):
@@ -58,13 +56,13 @@ class _Conv2d(torch.autograd.Function):
     def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups):
         tasks = info.batch_size
         x_dim, w_dim, b_dim = in_dims[:3]
-        x = _task_first(x, x_dim, tasks)
+        x = task_first(x, x_dim, tasks)
         if w_dim is None and b_dim is None:  # weights shared by all tasks: one convolution
             out = F.conv2d(x.flatten(0, 1), weight, bias, stride, padding, dilation, groups)
             return out.view(*x.shape[:2], *out.shape[1:]), 0
         # unbind, not x[t]: the backward of each x[t] would write a full-size zero tensor.
-        xs, ws = x.unbind(0), _task_first(weight, w_dim, tasks).unbind(0)
-        bs = [None] * tasks if bias is None else _task_first(bias, b_dim, tasks).unbind(0)
+        xs, ws = x.unbind(0), task_first(weight, w_dim, tasks).unbind(0)
+        bs = [None] * tasks if bias is None else task_first(bias, b_dim, tasks).unbind(0)
         outs = [F.conv2d(xt, wt, bt, stride, padding, dilation, groups)
                 for xt, wt, bt in zip(xs, ws, bs)]
         # Stacked as (N, tasks, C, H, W), the layout after which the batch-norm layer's
@@ -106,7 +104,7 @@ class _Conv2dBackward(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, g, x, weight, stride, padding, dilation, groups):
-        per_task = (_task_first(t, d, info.batch_size).unbind(0)
+        per_task = (task_first(t, d, info.batch_size).unbind(0)
                     for t, d in zip((g, x, weight), in_dims[:3]))
         outs = [_conv_backward(gt, xt, wt, stride, padding, dilation, groups)
                 for gt, xt, wt in zip(*per_task)]
@@ -128,13 +126,11 @@ def per_task_convolutions(model: nn.Module) -> Iterator[None]:
     at least :data:`PER_TASK_MIN_BATCH` examples per task; the results are the same as
     the native layer's, to round-off.
     """
-    patched = [m for m in model.modules() if type(m) is nn.Conv2d
-               and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
-               and "forward" not in vars(m)]  # one already patched: an enclosing use
-    for m in patched:
-        m.forward = _conv2d_forward.__get__(m)
-    try:
+    with swapped_forwards(model, _swap_for):
         yield
-    finally:
-        for m in patched:
-            del m.forward
+
+
+def _swap_for(m: nn.Module):
+    if type(m) is nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple):
+        return _conv2d_forward
+    return None
