@@ -115,6 +115,13 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     m.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_malloc_option(m)
+
+
+def _add_malloc_option(p) -> None:
+    p.add_argument("--no-malloc-reuse", action="store_true", help="leave glibc's allocator "
+                   "as it is (by default freed memory is kept for reuse: up to 1.8x faster "
+                   "on CPU, and the process keeps its peak memory; see metalearn.allocator)")
 
 
 def _config_from(args: argparse.Namespace, **extra) -> TrainConfig:
@@ -161,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", type=Path, help="write the result as JSON")
     ev.add_argument("--no-progress", action="store_true")
+    _add_malloc_option(ev)
 
     be = sub.add_parser("bench", help="compare MAML, FOMAML and Reptile",
                         description="Short meta-training of each algorithm, then accuracy/MSE "
@@ -182,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.no_malloc_reuse:
+        from metalearn.allocator import reuse_freed_memory
+
+        reuse_freed_memory()
     from metalearn.checkpoint import CheckpointError
     from metalearn.data.omniglot_archive import OmniglotError
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -92,6 +93,8 @@ def test_bench_runs_end_to_end_on_sine(tmp_path):
     assert r.returncode == 0, r.stderr
     payload = json.loads(out.read_text())
     assert {"commit", "machine", "torch", "command"} <= set(payload["header"])
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert payload["header"]["malloc_reuse"] is glibc  # the CLI's default
     rows = payload["records"]
     assert {(x["algorithm"], x["inner_steps"]) for x in rows} == {
         (a, k) for a in ("maml", "fomaml", "reptile") for k in (1, 2)}
@@ -100,3 +103,12 @@ def test_bench_runs_end_to_end_on_sine(tmp_path):
         assert x["cuda_peak_bytes"] is None
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "algorithm" in r.stdout and "maml" in r.stdout
+
+
+def test_no_malloc_reuse_leaves_the_allocator_alone(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "--iterations", "2", "--tasks", "5", "--eval-steps", "1",
+                "--inner-steps-list", "1", "--algorithms", "fomaml", "--out", str(out),
+                "--no-progress", "--no-malloc-reuse")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["header"]["malloc_reuse"] is False
