@@ -3,7 +3,7 @@
 In torch 2.13 the second derivative of the native affine batch, instance and layer norms
 under ``vmap`` is wrong (up to 1e-2 relative in float64; tests/test_norm_layers.py), which
 would silently corrupt MAML's meta-gradient. Inside the learners these layers are
-therefore computed here instead, from means and elementwise ops whose derivatives
+therefore computed here instead, from ``var_mean`` and elementwise ops whose derivatives
 ``vmap`` gets right. GroupNorm and RMSNorm are exact natively and are left alone.
 
 Only second derivatives are wrong. The Function's vmap rule therefore runs the native
@@ -49,20 +49,6 @@ def differentiated_at_most_once() -> Iterator[None]:
         _AT_MOST_ONCE.reset(token)
 
 
-def _centred(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x - mean`` and the biased variance over ``dims`` (kept).
-
-    Not ``torch.var_mean``: its Welford reduction took 4x as long on CPU as this (6.1
-    against 1.5 ms for a 32-task batch of Conv4's first layer), and every caller needs
-    ``x - mean`` anyway. The mean is corrected by the mean of the first residual: in
-    float32 a plain mean of a channel far from zero is off by more than the spread can
-    afford (tests/test_norm_layers.py compares the error with the native layer's).
-    """
-    xc = x - x.mean(dim=dims, keepdim=True)
-    xc = xc - xc.mean(dim=dims, keepdim=True)
-    return xc, (xc * xc).mean(dim=dims, keepdim=True)
-
-
 class _NormalizeWithStatistics(torch.autograd.Function):
     """``(x - mean) * rsqrt(var + eps) * weight + bias``, statistics over ``dims``.
 
@@ -77,10 +63,11 @@ class _NormalizeWithStatistics(torch.autograd.Function):
     def forward(x, weight, bias, dims, eps):
         # x - mean first: x * scale - mean * scale cancels in float32 when |mean| >> std,
         # and MAML's second derivative amplifies that error (about 20x on Conv4).
-        xc, var = _centred(x, dims)
+        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
         scale = torch.rsqrt(var + eps)
         if weight is not None:
             scale = scale * weight
+        xc = x - mean
         return xc * scale if bias is None else torch.addcmul(bias, xc, scale)
 
     @staticmethod
@@ -125,8 +112,9 @@ class _NormalizeBackward(torch.autograd.Function):
     def forward(x, weight, g, dims, eps):
         # dx = a * (g - mean(g) - xhat * mean(g * xhat)), on x centred first for float32's
         # sake, as in the backward below; sum(xc) = 0, so mean(g * xhat) needs no centred g.
-        xc, var = _centred(x, dims)
+        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
         rstd = torch.rsqrt(var + eps)
+        xc = x - mean
         g_sum = g.sum(dim=dims, keepdim=True)
         n = prod(x.shape[d] for d in dims)
         g_xhat_mean = rstd * (g * xc).mean(dim=dims, keepdim=True)
@@ -158,9 +146,9 @@ class _NormalizeBackward(torch.autograd.Function):
             gdx = torch.zeros_like(g)
         c1 = 0.0 if c1 is None else c1
         c2 = 0.0 if c2 is None else c2
-        xc, var = _centred(x, dims)
+        var, mu = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
         r = torch.rsqrt(var + ctx.eps)
-        gc = g - g.mean(dim=dims, keepdim=True)
+        xc, gc = x - mu, g - g.mean(dim=dims, keepdim=True)
         q = r * total(gc * xc) / n
         d_g, d_x, d_1 = total(gdx * gc), total(gdx * xc), total(gdx)
         w = 1.0 if weight is None else weight
