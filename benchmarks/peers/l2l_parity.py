@@ -137,10 +137,10 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
 
 
 # -- setups ------------------------------------------------------------------------------
-def make_setups(args) -> list[dict]:
+def make_setups(args, seed: int) -> list[dict]:
     setups = []
     for q in args.omniglot_queries:
-        tasks = OmniglotTasks(split="train", ways=5, shots=1, queries=q, seed=args.seed,
+        tasks = OmniglotTasks(split="train", ways=5, shots=1, queries=q, seed=seed,
                               progress=False)
         setups.append({
             "name": f"omniglot_5w1s_{q}q",
@@ -150,7 +150,7 @@ def make_setups(args) -> list[dict]:
             "batch": tasks.sample(args.omniglot_tasks),
             "inner_lr": 0.4,
         })
-    sine = SineTasks(shots=10, queries=10, seed=args.seed)
+    sine = SineTasks(shots=10, queries=10, seed=seed)
     setups.append({
         "name": "sine_10s_10q",
         "description": f"MLP 1-40-40-1, sine regression, 10 shots 10 queries, "
@@ -196,7 +196,7 @@ def run_setup(setup: dict, dtypes: list[torch.dtype], seed: int) -> tuple[list[d
                            {k: v for k, v in b.items() if k not in skip})
             tol = TOLERANCE[dtype]
             rows.append({
-                "setup": setup["name"], "algorithm": name, "inner_steps": steps,
+                "seed": seed, "setup": setup["name"], "algorithm": name, "inner_steps": steps,
                 "dtype": dname,
                 "max_rel_diff": cmp["max_rel_diff"], "tolerance": tol,
                 "ok": bool(cmp["max_rel_diff"] <= tol),
@@ -211,7 +211,7 @@ def run_setup(setup: dict, dtypes: list[torch.dtype], seed: int) -> tuple[list[d
         a_so, _ = grads[(dname, "MAML", 5)]
         _, b_fo = grads[(dname, "FOMAML", 5)]
         controls.append({
-            "setup": setup["name"], "dtype": dname,
+            "seed": seed, "setup": setup["name"], "dtype": dname,
             "control": "metalearn MAML-5 (second order) vs learn2learn first_order=True, 5 steps",
             "max_rel_diff": compare(a_so, b_fo)["max_rel_diff"],
         })
@@ -223,7 +223,7 @@ def run_setup(setup: dict, dtypes: list[torch.dtype], seed: int) -> tuple[list[d
             a, _ = metalearn_grads(ml_model2, batch, lr, 1, False)
             b, _ = l2l_grads(naive, batch, lr, 1, False)
             controls.append({
-                "setup": setup["name"], "dtype": dname,
+                "seed": seed, "setup": setup["name"], "dtype": dname,
                 "control": "MAML-1, learn2learn model left in eval mode with BatchNorm running "
                            "statistics (not made equivalent)",
                 "max_rel_diff": compare(a, b)["max_rel_diff"],
@@ -356,13 +356,14 @@ def print_table(rows: list[dict], controls: list[dict]) -> None:
     def e(x: float | None) -> str:
         return f"{x:.2e}" if x is not None else "-"
 
-    head = (f"{'setup':<18} {'algorithm':<6} {'steps':>5} {'dtype':<7} {'rel diff':>9} "
+    head = (f"{'seed':>4} {'setup':<18} {'algorithm':<6} {'steps':>5} {'dtype':<7} {'rel diff':>9} "
             f"{'tol':>6} {'ok':<3} {'w/o preBN b':>11} {'ml32~fp64':>9} {'l2l32~fp64':>10} "
             f"{'meta-loss ml':>12} {'meta-loss l2l':>13}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['setup']:<18} {r['algorithm']:<6} {r['inner_steps']:>5} {r['dtype']:<7} "
+        print(f"{r['seed']:>4} {r['setup']:<18} {r['algorithm']:<6} {r['inner_steps']:>5} "
+              f"{r['dtype']:<7} "
               f"{r['max_rel_diff']:>9.2e} {r['tolerance']:>6.0e} {'yes' if r['ok'] else 'NO':<3} "
               f"{e(r['max_rel_diff_without_prebn_biases']):>11} "
               f"{e(r.get('metalearn_fp32_vs_l2l_fp64')):>9} "
@@ -374,12 +375,31 @@ def print_table(rows: list[dict], controls: list[dict]) -> None:
           "learn2learn's float64 one (same metric)")
     print("\ncontrols (must differ by far more than the tolerances):")
     for c in controls:
-        print(f"  {c['setup']:<18} {c['dtype']:<8} {c['max_rel_diff']:>10.2e}  {c['control']}")
+        print(f"  {c['seed']:>4} {c['setup']:<18} {c['dtype']:<8} {c['max_rel_diff']:>10.2e}  "
+              f"{c['control']}")
+
+
+def print_float32_summary(rows: list[dict]) -> None:
+    """Each library's float32 error against float64, worst and median over the seeds."""
+    cases: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "metalearn_fp32_vs_l2l_fp64" in r:
+            cases.setdefault((r["setup"], r["algorithm"], r["inner_steps"]), []).append(r)
+    if not cases:
+        return
+    print("\nfloat32 error against float64 over the seeds (median / worst):")
+    for (setup, algo, steps), rs in cases.items():
+        ml = sorted(r["metalearn_fp32_vs_l2l_fp64"] for r in rs)
+        lt = sorted(r["l2l_fp32_vs_l2l_fp64"] for r in rs)
+        print(f"  {setup:<18} {algo}-{steps:<3} metalearn {statistics.median(ml):.2e} / "
+              f"{ml[-1]:.2e}   learn2learn {statistics.median(lt):.2e} / {lt[-1]:.2e}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds of the weights and the batches; every case runs at each "
+                             "(float32 MAML-5 round-off varies 20x from batch to batch)")
     parser.add_argument("--omniglot-tasks", type=int, default=32, help="tasks per batch")
     parser.add_argument("--omniglot-queries", type=int, nargs="+", default=[15, 1])
     parser.add_argument("--sine-tasks", type=int, default=25, help="tasks per batch")
@@ -398,23 +418,25 @@ def main() -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    setups = make_setups(args)
     rows, controls = [], []
     dtypes = [getattr(torch, d) for d in args.dtypes]
-    for setup in setups:
-        r, c = run_setup(setup, dtypes, args.seed)
-        rows += r
-        controls += c
-        print(f"done: {setup['name']}", file=sys.stderr)
+    for seed in args.seed:
+        setups = make_setups(args, seed)
+        for setup in setups:
+            r, c = run_setup(setup, dtypes, seed)
+            rows += r
+            controls += c
+            print(f"done: seed {seed} {setup['name']}", file=sys.stderr)
     print_table(rows, controls)
+    print_float32_summary(rows)
 
     speed = None
     if args.sampling_speed:
         if args.smoke:
-            speed = sampling_speed(args.seed, batch_size=4, batches=2, repeats=1, smoke=True)
+            speed = sampling_speed(args.seed[0], batch_size=4, batches=2, repeats=1, smoke=True)
             print("\nsampling speed: smoke run OK (both samplers checked; no timing recorded)")
         else:
-            speed = sampling_speed(args.seed, args.speed_batch_size, args.speed_batches,
+            speed = sampling_speed(args.seed[0], args.speed_batch_size, args.speed_batches,
                                    args.speed_repeats, smoke=False)
             print("\nsampling speed (episodes/s, median):")
             for name, s in speed["samplers"].items():
@@ -440,7 +462,7 @@ def main() -> int:
             "numpy": np.__version__,
         },
         "settings": {
-            "seed": args.seed,
+            "seeds": args.seed,
             "init": "the models' defaults (Xavier-uniform, zero biases, BatchNorm 1/0), "
                     "torch.manual_seed(seed); learn2learn gets a deepcopy",
             "batchnorm": "batch statistics in both (learn2learn: track_running_stats=False, "
