@@ -39,20 +39,13 @@ def child(repeats: int, call: bool) -> None:
         from metalearn.allocator import reuse_freed_memory
 
         assert reuse_freed_memory(), "mallopt refused"
-    import torch
+    from benchmarks.common import interleaved_medians, omniglot_5w1s_batch, seeded_conv4_learner
 
-    from benchmarks.common import interleaved_medians, omniglot_5w1s_batch
-    from metalearn import ANIL, FOMAML, MAML
-    from metalearn.models import Conv4
-
-    classes = {"maml": MAML, "fomaml": FOMAML, "anil": ANIL}
     fns = {}
     for queries in (1, 15):
         batch = omniglot_5w1s_batch(queries)
         for algo, steps in WORKLOADS:
-            torch.manual_seed(0)
-            model = Conv4(ways=5)
-            learner = classes[algo](model, 0.4, steps)
+            model, learner = seeded_conv4_learner(algo, steps)
 
             def run(model=model, learner=learner, batch=batch):
                 model.zero_grad(set_to_none=True)
