@@ -68,8 +68,9 @@ class _Never:
 
 def _written_out_task_batch_norm(x, weight, w_dim, bias, b_dim, eps):
     dims = [0, *range(2, x.ndim - 1)]  # per task
-    return norm_layers._task_normalize_written_out(
-        x, weight, w_dim, bias, b_dim, dims, eps).movedim(0, 1)
+    out, mean, rstd = norm_layers._task_normalize_written_out(
+        x, weight, w_dim, bias, b_dim, dims, eps)
+    return out.movedim(0, 1), mean, rstd
 
 
 @contextlib.contextmanager

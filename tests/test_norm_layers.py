@@ -184,16 +184,28 @@ def test_written_out_derivatives_match_finite_differences(weighted, dims):
     g = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
 
     def layer(x, w, b):
-        return _NormalizeWithStatistics.apply(x, w, b, dims, 1e-5)
+        return _NormalizeWithStatistics.apply(x, w, b, dims, 1e-5)[0]
 
     def backward_node(x, w, g):
-        return _NormalizeBackward.apply(x, w, g, dims, 1e-5)
+        with torch.no_grad():  # as the forward passes them: constants to autograd
+            var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        return _NormalizeBackward.apply(x, w, g, mean, torch.rsqrt(var + 1e-5), dims, 1e-5)
 
     # gradcheck's default rtol of 1e-3 would pass a term off by 0.1%.
     tol = {"atol": 1e-8, "rtol": 1e-6}
     for fn, inputs in ((layer, (x, w, b)), (backward_node, (x, w, g))):
         assert torch.autograd.gradcheck(fn, inputs, **tol)
         assert torch.autograd.gradgradcheck(fn, inputs, **tol)
+
+    # The backward node's backward takes the forward's statistics unless its own graph is
+    # built, when it recomputes them from x: both must give the same values.
+    outputs = backward_node(x, w, g)
+    cotangents = [torch.randn_like(t) for t in outputs]
+    needs = [t for t in (x, w, g) if t is not None]
+    plain = torch.autograd.grad(outputs, needs, cotangents, retain_graph=True)
+    graphed = torch.autograd.grad(outputs, needs, cotangents, create_graph=True)
+    for a, b_ in zip(plain, graphed):
+        torch.testing.assert_close(a, b_.detach(), rtol=1e-12, atol=1e-14)
 
 
 def test_float32_error_no_worse_than_the_native_layer():
@@ -209,7 +221,7 @@ def test_float32_error_no_worse_than_the_native_layer():
 
     def ours(x, w, b):
         return _NormalizeWithStatistics.apply(x, w.view(1, -1, 1, 1), b.view(1, -1, 1, 1),
-                                              [0, 2, 3], 1e-5)
+                                              [0, 2, 3], 1e-5)[0]
 
     def native(x, w, b):
         return torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)

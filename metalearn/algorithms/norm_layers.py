@@ -52,6 +52,9 @@ def differentiated_at_most_once() -> Iterator[None]:
 class _NormalizeWithStatistics(torch.autograd.Function):
     """``(x - mean) * rsqrt(var + eps) * weight + bias``, statistics over ``dims``.
 
+    Returns ``(out, mean, rstd)``; the statistics (non-differentiable) are kept for the
+    backward, whose two passes would otherwise reduce over ``x`` again each time.
+
     The backward is written out, as the native batch-norm backward is, as one node
     (:class:`_NormalizeBackward`), so that MAML's inner gradient keeps only the layer's
     input, weight and incoming gradient for the outer backward: per inner step, no more
@@ -64,23 +67,26 @@ class _NormalizeWithStatistics(torch.autograd.Function):
         # x - mean first: x * scale - mean * scale cancels in float32 when |mean| >> std,
         # and MAML's second derivative amplifies that error (about 20x on Conv4).
         var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-        scale = torch.rsqrt(var + eps)
-        if weight is not None:
-            scale = scale * weight
         xc = x - mean
-        return xc * scale if bias is None else torch.addcmul(bias, xc, scale)
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd if weight is None else rstd * weight
+        out = xc * scale if bias is None else torch.addcmul(bias, xc, scale)
+        return out, mean, rstd
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, dims, eps = inputs
-        ctx.save_for_backward(x, weight)
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
         ctx.dims, ctx.eps = dims, eps
         ctx.bias_shape = None if bias is None else bias.shape
 
     @staticmethod
-    def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        dx, sum_g_xhat, sum_g = _NormalizeBackward.apply(x, weight, g, ctx.dims, ctx.eps)
+    def backward(ctx, g, _mean, _rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, sum_g_xhat, sum_g = _NormalizeBackward.apply(x, weight, g, mean, rstd, ctx.dims,
+                                                         ctx.eps)
         dw = None if weight is None else sum_g_xhat.sum_to_size(weight.shape)
         db = None if ctx.bias_shape is None else sum_g.sum_to_size(ctx.bias_shape)
         return dx, dw, db, None, None
@@ -94,26 +100,26 @@ class _NormalizeWithStatistics(torch.autograd.Function):
         # layout of a grouped convolution's output; not that of a convolution with weights
         # shared by all tasks, where a copy would be kept besides x).
         if list(dims) == [0, *range(2, x.ndim - 1)] and x.stride(0) == x.shape[2] * x.stride(2):
-            return _task_batch_norm(x, weight, w_dim, bias, b_dim, eps), 1
-        return _task_normalize_written_out(x, weight, w_dim, bias, b_dim, dims, eps), 0
+            return _task_batch_norm(x, weight, w_dim, bias, b_dim, eps), (1, 0, 0)
+        return _task_normalize_written_out(x, weight, w_dim, bias, b_dim, dims, eps), (0, 0, 0)
 
 
 class _NormalizeBackward(torch.autograd.Function):
-    """The layer's backward as one node: ``(dx, sum(g * xhat), sum(g))`` from ``(x, weight, g)``.
+    """The layer's backward as one node: ``(dx, sum(g * xhat), sum(g))`` from
+    ``(x, weight, g)`` and the forward's statistics ``mean`` and ``rstd`` of ``x``.
 
-    As a Function it saves only ``x``, ``weight`` and ``g``, which the graph holds anyway;
-    written in elementwise ops, autograd would also save about ten per-channel statistics
-    per layer and inner step. Its backward (the layer's second derivative, which MAML's
-    outer step takes) is written out in differentiable ops, with the statistics recomputed
-    from ``x``, so a third derivative stays exact as well.
+    As a Function it saves only ``x``, ``weight``, ``g`` and the statistics, which the graph
+    holds anyway; written in elementwise ops, autograd would also save about ten
+    per-channel statistics per layer and inner step. Its backward (the layer's second
+    derivative, which MAML's outer step takes) is written out in differentiable ops; when
+    its own graph is built (a third derivative), with the statistics recomputed from
+    ``x``, so that stays exact as well.
     """
 
     @staticmethod
-    def forward(x, weight, g, dims, eps):
+    def forward(x, weight, g, mean, rstd, dims, eps):
         # dx = a * (g - mean(g) - xhat * mean(g * xhat)), on x centred first for float32's
         # sake, as in the backward below; sum(xc) = 0, so mean(g * xhat) needs no centred g.
-        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-        rstd = torch.rsqrt(var + eps)
         xc = x - mean
         g_sum = g.sum(dim=dims, keepdim=True)
         n = prod(x.shape[d] for d in dims)
@@ -124,8 +130,8 @@ class _NormalizeBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, g, dims, eps = inputs
-        ctx.save_for_backward(x, weight, g)
+        x, weight, g, mean, rstd, dims, eps = inputs
+        ctx.save_for_backward(x, weight, g, mean, rstd)
         ctx.dims, ctx.eps = dims, eps
 
     @staticmethod
@@ -135,7 +141,7 @@ class _NormalizeBackward(torch.autograd.Function):
         # x - mu, g - mean(g) and gdx (derived by hand; tests/test_norm_layers.py checks them
         # against finite differences): three elementwise passes instead of about twenty.
         # Centring x and g first keeps float32 from cancelling mu against x.
-        x, weight, g = ctx.saved_tensors
+        x, weight, g, mu, r = ctx.saved_tensors
         dims = ctx.dims
         n = prod(x.shape[d] for d in dims)
 
@@ -146,8 +152,9 @@ class _NormalizeBackward(torch.autograd.Function):
             gdx = torch.zeros_like(g)
         c1 = 0.0 if c1 is None else c1
         c2 = 0.0 if c2 is None else c2
-        var, mu = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-        r = torch.rsqrt(var + ctx.eps)
+        if torch.is_grad_enabled():  # this backward's graph needs them as functions of x
+            var, mu = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+            r = torch.rsqrt(var + ctx.eps)
         xc, gc = x - mu, g - g.mean(dim=dims, keepdim=True)
         q = r * total(gc * xc) / n
         d_g, d_x, d_1 = total(gdx * gc), total(gdx * xc), total(gdx)
@@ -163,21 +170,25 @@ class _NormalizeBackward(torch.autograd.Function):
         grad_w = None
         if weight is not None:
             grad_w = (r * d_g - r * r * q * d_x).sum_to_size(weight.shape)
-        return grad_x, grad_w, grad_g, None, None
+        return grad_x, grad_w, grad_g, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, g, dims, eps):
-        x_dim, w_dim, g_dim = in_dims[:3]
-        x, g = task_first(x, x_dim, info.batch_size), task_first(g, g_dim, info.batch_size)
-        out = _NormalizeBackward.apply(x, leading(weight, w_dim, x.ndim), g,
+    def vmap(info, in_dims, x, weight, g, mean, rstd, dims, eps):
+        tasks = info.batch_size
+        x_dim, w_dim, g_dim, m_dim, r_dim = in_dims[:5]
+        x, g = task_first(x, x_dim, tasks), task_first(g, g_dim, tasks)
+        mean, rstd = task_first(mean, m_dim, tasks), task_first(rstd, r_dim, tasks)
+        out = _NormalizeBackward.apply(x, leading(weight, w_dim, x.ndim), g, mean, rstd,
                                        [d + 1 for d in dims], eps)
         return out, (0, 0, 0)
 
 
 def _task_normalize_written_out(x: torch.Tensor, weight: torch.Tensor | None,
                                 w_dim: int | None, bias: torch.Tensor | None,
-                                b_dim: int | None, dims: list[int], eps: float) -> torch.Tensor:
-    """The Function over every task at once: ``x`` is ``(tasks, ...)``, and so is the result.
+                                b_dim: int | None, dims: list[int], eps: float
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Function over every task at once: ``x`` is ``(tasks, ...)``, and so are the
+    results.
 
     The layer is already batched over its statistics dims, so a batch of tasks is one more
     leading dim.
@@ -187,11 +198,14 @@ def _task_normalize_written_out(x: torch.Tensor, weight: torch.Tensor | None,
 
 
 def _task_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, w_dim: int | None,
-                     bias: torch.Tensor | None, b_dim: int | None, eps: float) -> torch.Tensor:
+                     bias: torch.Tensor | None, b_dim: int | None, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch norm of every task at once, as the native kernel over (task, channel) pairs.
 
-    ``x`` is ``(tasks, N, C, ...)``; the result is ``(N, tasks, C, ...)``. The native kernel
-    runs below the vmap level, where only its first derivative is ever taken: a second
+    ``x`` is ``(tasks, N, C, ...)``; the result is ``(N, tasks, C, ...)``, with the
+    kernel's mean and inverse std as ``(tasks, 1, C, 1, ...)`` views of what it saves
+    (so the Function's backward keeps no statistics of its own). The native kernel runs
+    below the vmap level, where only its first derivative is ever taken: a second
     derivative of the layer goes through the Function's written-out backward one level
     up. Fused, it is faster than the written-out forward, and it keeps only its input
     (a view of it) and per-channel statistics, unlike vmap's own batch-norm rule, which
@@ -206,9 +220,11 @@ def _task_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, w_dim: int | 
         t = t.reshape(c) if dim is None else t.movedim(dim, 0).reshape(tasks, c)
         return t.expand(tasks, c).reshape(tasks * c)
 
-    out = F.batch_norm(flat, None, None, per_task_channel(weight, w_dim),
-                       per_task_channel(bias, b_dim), True, 0.0, eps)
-    return out.view(n, tasks, c, *x.shape[3:])
+    out, mean, invstd = torch.native_batch_norm(
+        flat, per_task_channel(weight, w_dim), per_task_channel(bias, b_dim), None, None,
+        True, 0.0, eps)
+    stats_shape = (tasks, 1, c, *(1,) * (x.ndim - 3))
+    return out.view(n, tasks, c, *x.shape[3:]), mean.view(stats_shape), invstd.view(stats_shape)
 
 
 def _batch_norm_with_batch_stats(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
@@ -217,7 +233,8 @@ def _batch_norm_with_batch_stats(module: nn.modules.batchnorm._BatchNorm, x: tor
     shape = (1, -1) + (1,) * (x.ndim - 2)
     weight = None if module.weight is None else module.weight.view(shape)
     bias = None if module.bias is None else module.bias.view(shape)
-    return _NormalizeWithStatistics.apply(x, weight, bias, [0, *range(2, x.ndim)], module.eps)
+    return _NormalizeWithStatistics.apply(x, weight, bias, [0, *range(2, x.ndim)],
+                                          module.eps)[0]
 
 
 def _instance_norm_with_instance_stats(module: nn.modules.instancenorm._InstanceNorm,
@@ -232,7 +249,7 @@ def _instance_norm_with_instance_stats(module: nn.modules.instancenorm._Instance
     weight = module.weight.view(shape) if module.affine else None
     bias = module.bias.view(shape) if module.affine else None
     return _NormalizeWithStatistics.apply(x, weight, bias, list(range(channel_dim + 1, x.ndim)),
-                                          module.eps)
+                                          module.eps)[0]
 
 
 def _layer_norm(module: nn.LayerNorm, x: torch.Tensor):
