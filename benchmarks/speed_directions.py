@@ -13,6 +13,8 @@ those run task by task, metalearn/algorithms/task_convolution.py):
   default before the per-task convolutions);
 * ``unfold_matmul``: every ``nn.Conv2d`` as ``unfold`` + matmul (im2col), so that under
   ``vmap`` the per-task convolutions and their double backward become batched matmuls;
+* ``channels_last``: the model's weights (and the images) in ``torch.channels_last``
+  memory format, so that the convolutions' activations are channels-last too;
 * ``one_thread``: ``torch.set_num_threads(1)`` instead of the default;
 * ``compile``: ``torch.compile`` of ``MAML.meta_loss`` (MAML 1 step at (a) only: its compile
   time is reported separately, with the number of iterations after which it pays off).
@@ -81,6 +83,21 @@ def grouped_convolutions():
 
 
 @contextlib.contextmanager
+def channels_last(model: nn.Module, batch):
+    def per_task_channels_last(x: torch.Tensor) -> torch.Tensor:  # (tasks, N, C, H, W)
+        return x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+    images = batch.support_x, batch.query_x
+    model.to(memory_format=torch.channels_last)
+    batch.support_x, batch.query_x = map(per_task_channels_last, images)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+        batch.support_x, batch.query_x = images
+
+
+@contextlib.contextmanager
 def threads(n: int):
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -129,6 +146,8 @@ def main() -> None:
             directions = {"default": contextlib.nullcontext,
                           "grouped_convolutions": grouped_convolutions,
                           "unfold_matmul": lambda model=model: conv_as_matmul(model),
+                          "channels_last": lambda model=model, batch=batch: channels_last(
+                              model, batch),
                           "one_thread": lambda: threads(1)}
             row = {"queries_per_class": queries, "algorithm": algo, "inner_steps": steps,
                    "flops": flops}
