@@ -278,7 +278,7 @@ def test_channels_last_input_is_as_exact_in_float32(layout, tasks, per_task_weig
         f = FunctionalModel(layer.to(dtype))
         params = {k: p.detach().requires_grad_() for k, p in f.params().items()}
         batched = {k: p.expand(tasks, *p.shape) for k, p in params.items()}
-        xd = xd.to(dtype).requires_grad_() if xd.dtype != dtype else xd.requires_grad_()
+        xd = xd.to(dtype).requires_grad_()
         with differentiated_at_most_once() if at_most_once else contextlib.nullcontext():
             y = torch.func.vmap(f, in_dims=(0 if per_task_weights else None, 0))(
                 batched if per_task_weights else params, xd)

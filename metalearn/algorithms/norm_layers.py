@@ -34,6 +34,14 @@ from metalearn.algorithms.layer_swap import leading, swapped_forwards, task_firs
 _AT_MOST_ONCE: ContextVar[bool] = ContextVar("differentiated_at_most_once", default=False)
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether the spatial dims are not innermost (channels-last): torch's CPU batch-norm
+    kernel for that layout computes float32 statistics 20-30x less exactly when a channel's
+    mean is far above its spread (as after a biased convolution of Omniglot's white
+    background), so the native kernel is never handed one."""
+    return x.ndim > 2 and x.stride(-1) != 1
+
+
 @contextmanager
 def differentiated_at_most_once() -> Iterator[None]:
     """Use the native normalisation kernels for forwards run inside this block.
@@ -98,9 +106,8 @@ class _NormalizeWithStatistics(torch.autograd.Function):
         x = task_first(x, x_dim, info.batch_size)
         # Batch norm whose tasks and channels merge into one dim without a copy (the
         # layout of a grouped convolution's output; not that of a convolution with weights
-        # shared by all tasks, where a copy would be kept besides x). Not channels-last
-        # either: torch's CPU kernel for it computes float32 statistics less exactly.
-        if (list(dims) == [0, *range(2, x.ndim - 1)] and x.stride(-1) == 1
+        # shared by all tasks, where a copy would be kept besides x), and not channels-last.
+        if (list(dims) == [0, *range(2, x.ndim - 1)] and not _channels_last(x)
                 and x.stride(0) == x.shape[2] * x.stride(2)):
             return _task_batch_norm(x, weight, w_dim, bias, b_dim, eps), (1, 0, 0)
         return _task_normalize_written_out(x, weight, w_dim, bias, b_dim, dims, eps), (0, 0, 0)
@@ -231,11 +238,9 @@ def _task_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, w_dim: int | 
 
 def _batch_norm_with_batch_stats(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
     if _AT_MOST_ONCE.get():
-        if x.ndim > 2 and x.stride(-1) != 1:
-            # Channels-last: torch's CPU kernel for it computes float32 statistics 20-30x
-            # less exactly when a channel's mean is far above its spread (as after a biased
-            # convolution of Omniglot's white background). Copy only then: under vmap,
-            # contiguous() would also copy a grouped convolution's output.
+        if _channels_last(x):
+            # Copy only then: under vmap, contiguous() would also copy a grouped
+            # convolution's output.
             x = x.contiguous()
         return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
     shape = (1, -1) + (1,) * (x.ndim - 2)
