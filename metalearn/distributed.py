@@ -16,7 +16,8 @@ class DistContext:
 
     Every rank draws the full meta-batch from the same seeded sampler and keeps its own
     contiguous slice, so the union over ranks is exactly the single-process meta-batch;
-    drawing the few extra episodes costs microseconds next to a meta-iteration.
+    drawing the few extra episodes costs microseconds next to a meta-iteration. Validation
+    tasks are split the same way, and their per-task results gathered.
 
     Example:
         >>> from metalearn.distributed import DistContext
@@ -46,14 +47,30 @@ class DistContext:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         return cls(dist.get_rank(), dist.get_world_size(), device)
 
-    def shard(self, meta_batch: int) -> tuple[int, int]:
-        """(offset, count) of this rank's tasks; the first ranks take one extra if uneven."""
-        if meta_batch < self.world_size:
-            raise ValueError(f"meta_batch={meta_batch} is smaller than the {self.world_size} "
-                             "processes; give every process at least one task")
-        base, extra = divmod(meta_batch, self.world_size)
+    def shard(self, tasks: int, what: str = "meta_batch") -> tuple[int, int]:
+        """(offset, count) of this rank's share of ``tasks`` tasks; the first ranks take one
+        extra if uneven. ``what`` names the setting in the error when there are too few."""
+        if tasks < self.world_size:
+            raise ValueError(f"{what}={tasks} is smaller than the {self.world_size} "
+                             f"processes; give every process at least one task (raise {what})")
+        base, extra = divmod(tasks, self.world_size)
         count = base + (self.rank < extra)
         return self.rank * base + min(self.rank, extra), count
+
+    def gather_tasks(self, rows: torch.Tensor, tasks: int) -> torch.Tensor:
+        """Every rank's ``rows`` (one per task of its :meth:`shard` of ``tasks``), in task
+        order: the table one process would have computed alone."""
+        if self.world_size == 1:
+            return rows
+        # all_gather takes equal sizes: pad to the largest share, then trim each part.
+        size = -(-tasks // self.world_size)
+        padded = rows.new_zeros(size, *rows.shape[1:], device=self.device)
+        padded[: len(rows)] = rows
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        counts = [DistContext(r, self.world_size, self.device).shard(tasks)[1]
+                  for r in range(self.world_size)]
+        return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(rows.device)
 
     def reduce_gradients(self, params: Iterable[torch.Tensor], weight: float) -> None:
         """Turn each rank's mean over its tasks into the mean over the whole meta-batch."""

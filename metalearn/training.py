@@ -33,7 +33,7 @@ from metalearn.config import (
     build_schedule,
 )
 from metalearn.distributed import DistContext
-from metalearn.evaluation import evaluate
+from metalearn.evaluation import EvaluationResult, evaluate
 
 CHECKPOINT_FORMAT = 1
 # Settings that may differ between a run and its resumption.
@@ -163,6 +163,9 @@ def train(
     # A fixed validation set: the same tasks at every validation and on resume.
     val_tasks = build_sampler(cfg, "val", seed=cfg.seed + 1_000_003, evaluation=True).sample(
         cfg.val_tasks).to(device)
+    # Each rank validates its share of the tasks; the gathered table is one process's.
+    val_offset, val_count = ctx.shard(cfg.val_tasks, "val_tasks")
+    val_shard = val_tasks[val_offset: val_offset + val_count]
     higher_is_better = cfg.dataset != "sine"
 
     ckpt = Path(checkpoint) if checkpoint is not None else None
@@ -243,9 +246,11 @@ def train(
                 log({"iteration": it, "split": "train", **metrics,
                      "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - t0})
             if it % cfg.val_every == 0 or it == cfg.iterations:
-                result = evaluate(eval_learner, val_tasks, max_steps=cfg.eval_steps,
+                result = evaluate(eval_learner, val_shard, max_steps=cfg.eval_steps,
                                   progress=False)
                 model.train()
+                result = EvaluationResult.from_per_task(
+                    result.metric, ctx.gather_tasks(result.per_task, cfg.val_tasks))
                 value, ci = result.mean[-1], result.ci95[-1]
                 log({"iteration": it, "split": "val", result.metric: value, "ci95": ci,
                      "steps": cfg.eval_steps})

@@ -35,7 +35,7 @@ def final_params(path):
 ])
 def test_two_gloo_ranks_equal_one_process(tmp_path, algorithm, extra):
     args = ["train", "--algorithm", algorithm, "--iterations", "8", "--meta-batch", "5",
-            "--val-every", "4", "--val-tasks", "6", "--no-progress", *extra]
+            "--val-every", "4", "--val-tasks", "7", "--no-progress", *extra]
     one = cli(*args, "--checkpoint", str(tmp_path / "one.pt"))
     assert one.returncode == 0, one.stderr
     two = cli(*args, "--checkpoint", str(tmp_path / "two.pt"), ranks=2)
@@ -51,6 +51,13 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, algorithm, extra):
         ["one.pt", "one.best.pt", "one.jsonl", "two.pt", "two.best.pt", "two.jsonl"])
     lines = (tmp_path / "two.jsonl").read_text().splitlines()
     assert len(lines) == len((tmp_path / "one.jsonl").read_text().splitlines())
+    # The ranks validated 4 and 3 of the 7 tasks; the gathered result is one process's.
+    def val(name):
+        records = [json.loads(x) for x in (tmp_path / name).read_text().splitlines()]
+        return [(r["iteration"], r["mse"], r["ci95"]) for r in records if r["split"] == "val"]
+    assert len(val("one.jsonl")) == 2
+    for (i, m, c), (j, n, d) in zip(val("one.jsonl"), val("two.jsonl"), strict=True):
+        assert i == j and n == pytest.approx(m, rel=1e-5) and d == pytest.approx(c, rel=1e-4)
 
 
 def wait_for_checkpoint(path, at_least, proc, limit=120):

@@ -177,3 +177,52 @@ def test_resume_survives_a_log_line_cut_short_by_a_kill(tmp_path):
     resumed = train(progress=False, checkpoint=tmp_path / "a.pt", resume=True, **FAST)
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert resumed.iteration == 30 and lines[-1]["iteration"] == 30
+
+
+def test_each_rank_validates_only_its_share_of_the_tasks(monkeypatch):
+    # Rank 1 of 2, without a process group: the collectives are stand-ins that record what
+    # this rank evaluated and hand back the whole table as rank 0 and 1 together would.
+    from metalearn import training
+    from metalearn.distributed import DistContext
+
+    evaluated, gathered = [], []
+    real_evaluate = training.evaluate
+
+    def spy_evaluate(learner, tasks, **kwargs):
+        evaluated.append(tasks)
+        return real_evaluate(learner, tasks, **kwargs)
+
+    class SecondRank(DistContext):
+        def reduce_gradients(self, params, weight):
+            pass
+
+        def reduce_metrics(self, metrics, weight):
+            return metrics
+
+        def gather_tasks(self, rows, tasks):
+            gathered.append(rows)
+            return torch.cat([torch.zeros(tasks - len(rows), rows.shape[1]), rows])
+
+    monkeypatch.setattr(training.DistContext, "from_env",
+                        classmethod(lambda cls, device: SecondRank(1, 2, torch.device(device))))
+    monkeypatch.setattr(training, "evaluate", spy_evaluate)
+    result = train(progress=False, **{**FAST, "iterations": 10, "val_tasks": 7})
+    # 7 tasks over 2 ranks: rank 0 takes tasks 0-3, rank 1 tasks 4-6.
+    reference = training.build_sampler(result.config, "val", seed=result.config.seed + 1_000_003,
+                                       evaluation=True).sample(7)
+    assert len(evaluated) == 1 and len(evaluated[0]) == 3
+    torch.testing.assert_close(evaluated[0].support_x, reference.support_x[4:], rtol=0, atol=0)
+    assert gathered[0].shape[0] == 3
+    val = [r for r in result.history if r["split"] == "val"][0]
+    # The logged mean is over the gathered 7 rows (4 stand-in zeros), not rank 1's 3 alone.
+    assert val["mse"] == pytest.approx(gathered[0][:, -1].sum().item() / 7)
+
+
+def test_fewer_validation_tasks_than_ranks_is_a_clear_error(monkeypatch):
+    from metalearn import training
+    from metalearn.distributed import DistContext
+
+    monkeypatch.setattr(training.DistContext, "from_env",
+                        classmethod(lambda cls, device: DistContext(0, 4, torch.device(device))))
+    with pytest.raises(ValueError, match=r"val_tasks=3 is smaller than the 4 processes"):
+        train(progress=False, **{**FAST, "val_tasks": 3})
