@@ -20,6 +20,7 @@ from metalearn.algorithms.functional_model import FunctionalModel
 from metalearn.algorithms.norm_layers import (
     _NormalizeBackward,
     _NormalizeWithStatistics,
+    batch_statistics,
     differentiated_at_most_once,
 )
 from metalearn.memory import SavedTensorMeter
@@ -242,6 +243,44 @@ def test_float32_error_no_worse_than_the_native_layer():
     for name, e_ours, e_native in zip(["y", "dy/dx", "dy/dw", "d2/dx", "d2/dw"],
                                       errors(ours), errors(native)):
         assert e_ours <= 1.5 * e_native, (name, e_ours, e_native)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_float32_error_no_worse_than_the_native_layer(affine):
+    # The same regime for LayerNorm, through the layer a learner runs: each output's and
+    # first and second derivative's float32 error within 1.5x the native layer's. The input
+    # is exact in float32, so only the layers' own arithmetic differs.
+    torch.manual_seed(0)
+    x = (10.0 + 0.01 * torch.randn(16, 4, 6, 6, dtype=torch.float64)).float().double()
+    v, u = torch.randn_like(x), torch.randn_like(x)
+    reference = nn.LayerNorm([4, 6, 6], elementwise_affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            reference.weight.add_(0.3 * torch.randn_like(reference.weight))
+            reference.bias.normal_()
+
+    def outputs(exact_under_vmap, dtype):
+        layer = nn.LayerNorm([4, 6, 6], elementwise_affine=affine).to(dtype)
+        layer.load_state_dict(reference.state_dict())
+        xd = x.to(dtype).requires_grad_()
+        inputs = [xd, *layer.parameters()]
+        with batch_statistics(layer) if exact_under_vmap else contextlib.nullcontext():
+            y = layer(xd)
+        first = torch.autograd.grad(y, inputs, v.to(dtype), create_graph=True)
+        second = torch.autograd.grad(
+            (first[0] * u.to(dtype)).sum() + sum((g * g).sum() for g in first[1:]), inputs,
+            allow_unused=True, materialize_grads=True)
+        return [t.detach().double() for t in (y, *first, *second)]
+
+    def errors(exact_under_vmap):
+        return [((lo - hi).norm() / hi.norm()).item() if hi.norm() > 0 else 0.0
+                for lo, hi in zip(outputs(exact_under_vmap, torch.float32),
+                                  outputs(exact_under_vmap, torch.float64))]
+
+    ours, native = errors(True), errors(False)
+    assert max(ours) > 0
+    for i, (e_ours, e_native) in enumerate(zip(ours, native)):
+        assert e_ours <= 1.5 * e_native, (i, e_ours, e_native)
 
 
 CHANNELS_LAST = {

@@ -107,7 +107,7 @@ class _NormalizeWithStatistics(torch.autograd.Function):
         # Batch norm whose tasks and channels merge into one dim without a copy (the
         # layout of a grouped convolution's output; not that of a convolution with weights
         # shared by all tasks, where a copy would be kept besides x), and not channels-last.
-        if (list(dims) == [0, *range(2, x.ndim - 1)] and not _channels_last(x)
+        if (x.ndim >= 3 and list(dims) == [0, *range(2, x.ndim - 1)] and not _channels_last(x)
                 and x.stride(0) == x.shape[2] * x.stride(2)):
             return _task_batch_norm(x, weight, w_dim, bias, b_dim, eps), (1, 0, 0)
         return _task_normalize_written_out(x, weight, w_dim, bias, b_dim, dims, eps), (0, 0, 0)
@@ -266,14 +266,14 @@ def _instance_norm_with_instance_stats(module: nn.modules.instancenorm._Instance
 
 
 def _layer_norm(module: nn.LayerNorm, x: torch.Tensor):
-    # x * rstd - mean * rstd keeps only x (shared with var_mean) for the backward, not a
-    # normalised copy of it.
     if _AT_MOST_ONCE.get():
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    # The Function centres x before scaling (x * rstd - mean * rstd had up to 1.7x the native
+    # layer's float32 error in the second derivative) and keeps only x and the statistics.
+    # Its weight is per channel over the statistics dims; LayerNorm's is elementwise there,
+    # so the affine goes outside it.
     dims = list(range(x.ndim - len(module.normalized_shape), x.ndim))
-    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-    rstd = torch.rsqrt(var + module.eps)
-    out = x * rstd - mean * rstd
+    out = _NormalizeWithStatistics.apply(x, None, None, dims, module.eps)[0]
     if module.weight is not None:
         out = out * module.weight
     if module.bias is not None:
