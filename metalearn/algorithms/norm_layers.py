@@ -131,7 +131,7 @@ class _NormalizeBackward(torch.autograd.Function):
         # sake, as in the backward below; sum(xc) = 0, so mean(g * xhat) needs no centred g.
         xc = x - mean
         g_sum = g.sum(dim=dims, keepdim=True)
-        n = prod(x.shape[d] for d in dims)
+        n = prod([x.shape[d] for d in dims])
         g_xhat_mean = rstd * (g * xc).mean(dim=dims, keepdim=True)
         a = rstd if weight is None else rstd * weight
         dx = torch.addcmul(a * (g - g_sum / n), xc, -a * rstd * g_xhat_mean)
@@ -152,7 +152,7 @@ class _NormalizeBackward(torch.autograd.Function):
         # Centring x and g first keeps float32 from cancelling mu against x.
         x, weight, g, mu, r = ctx.saved_tensors
         dims = ctx.dims
-        n = prod(x.shape[d] for d in dims)
+        n = prod([x.shape[d] for d in dims])
 
         def total(t: torch.Tensor) -> torch.Tensor:
             return t.sum(dim=dims, keepdim=True)
