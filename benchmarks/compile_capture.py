@@ -7,7 +7,9 @@ Omniglot 5-way 1-shot, 1 query per class, Conv4, meta-batch 32: the number of gr
 breaks and operations dynamo traced, with the break reasons, once as the learners run and
 once with their input checks (which read label ranges with ``.item()``) skipped. It says
 whether the ``compile`` column of speed_directions.json measures compiled code or eager
-code. Writes benchmarks/results/compile_capture.json.
+code. A control: MAML-1 on the sine MLP, which has no normalisation layers or
+convolutions and so runs none of metalearn's custom autograd Functions.
+Writes benchmarks/results/compile_capture.json.
 """
 
 from __future__ import annotations
@@ -22,13 +24,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import header, omniglot_5w1s_batch, seeded_conv4_learner, write_json  # noqa: E402,E501
+from benchmarks.common import (  # noqa: E402
+    header,
+    omniglot_5w1s_batch,
+    seeded_conv4_learner,
+    write_json,
+)
+from metalearn import MAML  # noqa: E402
+from metalearn.data import SineTasks  # noqa: E402
+from metalearn.models import MLP  # noqa: E402
 
 CASES = (("maml", 1), ("maml", 5), ("fomaml", 5), ("reptile", 5))
 
 
-def capture(algorithm: str, steps: int, batch, skip_checks: bool) -> dict:
-    _, learner = seeded_conv4_learner(algorithm, steps)
+def capture(algorithm: str, steps: int, batch, skip_checks: bool, learner=None) -> dict:
+    if learner is None:
+        _, learner = seeded_conv4_learner(algorithm, steps)
     if skip_checks:
         learner._check_batch = lambda b: None
     fn = learner.step if algorithm == "reptile" else learner.meta_loss
@@ -53,12 +64,19 @@ def main() -> None:
     for algorithm, steps in CASES:
         for skip in (False, True):
             row = {"algorithm": algorithm, "inner_steps": steps, "input_checks": not skip,
+                   "model": "Conv4",
                    **capture(algorithm, steps, batch, skip)}
             rows.append(row)
             print(f"{algorithm}-{steps} checks {'on ' if not skip else 'off'}: "
                   f"{row['graphs']} graphs, {row['graph_breaks']} breaks, "
                   f"{row['traced_ops']} ops traced: {', '.join(row['traced_op_names'])}",
                   flush=True)
+    torch.manual_seed(0)
+    sine = capture("maml", 1, SineTasks(seed=0).sample(25), True, MAML(MLP(), 0.01, 1))
+    rows.append({"algorithm": "maml", "inner_steps": 1, "input_checks": False,
+                 "model": "sine MLP (control)", **sine})
+    print(f"control, sine MLP MAML-1 checks off: {sine['graphs']} graphs, "
+          f"{sine['graph_breaks']} breaks, {sine['traced_ops']} ops traced", flush=True)
     path = write_json("compile_capture.json", {
         **header(), "benchmark": "compile_capture",
         "setup": "Omniglot 5w1s, 1 query/class, Conv4, meta-batch 32",
