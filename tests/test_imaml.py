@@ -134,6 +134,27 @@ def test_conjugate_gradient_is_exact_in_n_steps_and_safe_when_converged():
     assert torch.equal(zero, 0 * b)  # no 0/0 once the residual vanishes
 
 
+def test_conjugate_gradient_stops_at_non_positive_curvature_under_vmap():
+    # Three systems solved at once: SPD (solved exactly in n = 3 steps), indefinite with
+    # negative curvature met at the second step (the first iterate is kept), and negative
+    # definite (negative curvature at once: b is returned).
+    dtype = torch.float64
+    spd = torch.tensor([[4.0, 1.0, 0.0], [1.0, 3.0, 0.5], [0.0, 0.5, 2.0]], dtype=dtype)
+    indefinite = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=dtype))
+    mats = torch.stack([spd, indefinite, -torch.eye(3, dtype=dtype)])
+    b = torch.ones(3, 3, dtype=dtype)
+
+    def solve(a, rhs):
+        return conjugate_gradient(lambda v: {"v": a @ v["v"]}, {"v": rhs}, 3)["v"]
+
+    x = torch.func.vmap(solve)(mats, b)
+    torch.testing.assert_close(x[0], torch.linalg.solve(spd, b[0]))
+    # Step 1: alpha = b.b / b.Ab = 3/4. Step 2's direction r + (4.875 / 3) b, with
+    # r = b - (3/4) A b, has curvature -8.4375: stop there.
+    torch.testing.assert_close(x[1], 0.75 * b[1])
+    torch.testing.assert_close(x[2], b[2])
+
+
 def test_adapt_solves_the_proximal_problem():
     model, batch = smooth_net(), smooth_tasks()
     flat = Flat(model)

@@ -29,30 +29,43 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int) -> Params:
     """``steps`` iterations of conjugate gradient on ``A x = b`` from ``x = 0``.
 
-    ``A`` (given as ``matvec``) must be symmetric positive definite; ``b`` and ``x`` are
+    ``A`` (given as ``matvec``) should be symmetric positive definite; ``b`` and ``x`` are
     parameter dicts. Written without data-dependent control flow, so it runs under vmap.
+    If a search direction has non-positive curvature (``p^T A p <= 0``: ``A`` is not
+    positive definite there), the iteration stops and keeps the iterate it has, as
+    truncated CG does (Steihaug 1983); plain CG would divide by that curvature and could
+    return a vector further from the solution than ``x = 0``. If that happens at the first
+    step, the result is ``b`` itself.
 
     Example:
         >>> import torch
         >>> from metalearn.algorithms.imaml import conjugate_gradient
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
-        >>> x = conjugate_gradient(lambda v: {"x": A @ v["x"]}, {"x": torch.tensor([1.0, 2.0])}, 2)
-        >>> torch.allclose(A @ x["x"], torch.tensor([1.0, 2.0]))
+        >>> x = conjugate_gradient(lambda v: {"v": A @ v["v"]}, {"v": torch.tensor([1.0, 2.0])}, 2)
+        >>> torch.allclose(A @ x["v"], torch.tensor([1.0, 2.0]))
         True
     """
     x = {k: torch.zeros_like(v) for k, v in b.items()}
     r, p = dict(b), dict(b)
     rs = _dot(r, r)
-    for _ in range(steps):
+    active = torch.ones_like(rs, dtype=torch.bool)
+    for step in range(steps):
         ap = matvec(p)
-        alpha = _safe_div(rs, _dot(p, ap))
+        curvature = _dot(p, ap)
+        # A zero residual gives zero curvature too: that is convergence, not a stop.
+        active = active & ((curvature > 0) | (rs == 0))
+        if step == 0:
+            curved_at_start = active
+        alpha = torch.where(active, _safe_div(rs, curvature), 0.0)
         x = {k: x[k] + alpha * p[k] for k in x}
         r = {k: r[k] - alpha * ap[k] for k in r}
         rs_new = _dot(r, r)
         beta = _safe_div(rs_new, rs)
         p = {k: r[k] + beta * p[k] for k in r}
         rs = rs_new
-    return x
+    if steps == 0:
+        return x
+    return {k: torch.where(curved_at_start, x[k], b[k]) for k in x}
 
 
 class IMAML(MetaLearner):
@@ -66,7 +79,10 @@ class IMAML(MetaLearner):
     ``cg_steps`` conjugate-gradient iterations on Hessian-vector products (grad of grad),
     vmapped over tasks, and accumulates the task mean into ``p.grad``. Memory does not
     grow with ``inner_steps``. The gradient is exact only at a converged inner solution
-    (and a positive definite ``I + H / lam``): use enough inner steps.
+    and a positive definite ``I + H / lam``: use enough inner steps, a step size at which
+    they converge, and a ``lam`` large enough. Where ``I + H / lam`` is not positive
+    definite, CG stops at the first direction of non-positive curvature
+    (:func:`conjugate_gradient`).
 
     Args:
         model: any ``nn.Module``.
