@@ -28,6 +28,8 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    # Whether from_env started the process group (and so close() ends it).
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -43,9 +45,18 @@ class DistContext:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), device)
+        return cls(dist.get_rank(), dist.get_world_size(), device, owns)
+
+    def close(self) -> None:
+        """After a run that completed: wait for every rank, then end the process group if
+        :meth:`from_env` started it. A rank that exits with the group still up can abort
+        in gloo's teardown ("terminate called without an active exception")."""
+        if self.owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def shard(self, tasks: int, what: str = "meta_batch") -> tuple[int, int]:
         """(offset, count) of this rank's share of ``tasks`` tasks; the first ranks take one

@@ -274,4 +274,5 @@ def train(
         bar.close()
         if log_file:
             log_file.close()
+    ctx.close()  # not in finally: after a failure, a barrier could wait forever
     return TrainResult(model, learner, cfg, it, history, best, stopped_early)
