@@ -1,4 +1,4 @@
-"""The ``metalearn`` command: train, eval and bench."""
+"""The ``metalearn`` command: train, eval, bench and search."""
 
 from __future__ import annotations
 
@@ -184,6 +184,33 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", type=Path, default=Path("bench_results.json"))
     _add_run_options(be, "meta-iterations per algorithm (default 1000 for sine, 300 for "
                      "omniglot; --full for the paper's)")
+
+    se = sub.add_parser("search", help="hyperparameter search on the validation split",
+                        description="Train one run per grid point (or per random draw with "
+                        "--trials) and rank them by their best validation value; the test "
+                        "split is not used. Example: metalearn search --grid inner_lr=0.005,"
+                        "0.01,0.02 --grid outer_lr=1e-3,3e-3 --iterations 500")
+    se.add_argument("--algorithm", choices=ALGORITHMS, default="maml")
+    se.add_argument("--grid", action="append", required=True, metavar="NAME=V1,V2,...",
+                    help="a setting (as in TrainConfig: inner_lr, inner_steps, outer_lr, ...) "
+                    "and its values; repeat for more settings, the grid is their product")
+    se.add_argument("--trials", type=_positive_int, help="random search: this many distinct "
+                    "grid points (default: the whole grid)")
+    se.add_argument("--seeds", type=_int_list, help="run each point with these seeds and rank "
+                    "by the mean (default: --seed)")
+    se.add_argument("--val-every", type=_positive_int, default=500)
+    se.add_argument("--val-tasks", type=_positive_int, default=100)
+    se.add_argument("--patience", type=_positive_int, help="early stopping within each trial")
+    se.add_argument("--runs", type=Path, help="folder for each trial's checkpoints and logs "
+                    "(default: none kept)")
+    se.add_argument("--out", type=Path, default=Path("search_results.json"),
+                    help="JSON of all trials, rewritten after each (default "
+                    "search_results.json)")
+    se.add_argument("--resume", action="store_true", help="reuse the trials already in --out "
+                    "that had the same settings")
+    _add_run_options(se, "meta-iterations per trial (default: the paper's schedule)")
+    for p in (tr, ev, be, se):  # errors found after parsing print this command's usage
+        p.set_defaults(command_parser=p)
     return parser
 
 
@@ -197,11 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     from metalearn.checkpoint import CheckpointError
     from metalearn.data.omniglot_archive import OmniglotError
 
+    parser = args.command_parser
     try:
         if args.command == "train":
             return _train(args, parser)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "search":
+            return _search(args, parser)
         return _bench(args, parser)
     except (FileNotFoundError, OmniglotError, CheckpointError) as err:
         print(f"metalearn {args.command}: error: {err}", file=sys.stderr)
@@ -288,6 +318,39 @@ def _bench(args, parser) -> int:
     except ValueError as err:
         parser.error(str(err))
     return run_bench(args, base)
+
+
+def _search(args, parser) -> int:
+    from metalearn.search import parse_space, search
+    from metalearn.training import NonFiniteError
+
+    try:
+        space = parse_space(args.grid)
+        base = _config_from(args, val_every=args.val_every, val_tasks=args.val_tasks,
+                            patience=args.patience, algorithm=args.algorithm)
+        base.resolved()
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        result = search(base, space, trials=args.trials, seeds=args.seeds, runs=args.runs,
+                        out=args.out, resume=args.resume, progress=not args.no_progress)
+    except ValueError as err:  # a trial's settings, or --trials beyond the grid
+        parser.error(str(err))
+    except NonFiniteError as err:
+        print(f"metalearn search: error: {err} (the trials before it are in {args.out})",
+              file=sys.stderr)
+        return 1
+    direction = "higher" if result.higher_is_better else "lower"
+    print(f"validation {result.metric} ({direction} is better), best first:")
+    for row in result.ranking():
+        point = ", ".join(f"{k}={v}" for k, v in row["point"].items())
+        ci = f" ± {row['ci95']:.4f}" if row["ci95"] is not None else ""
+        print(f"  {row['value']:.4f}{ci}  {point}  ({row['seeds']} seed(s))")
+    print(f"all trials: {args.out}")
+    best = [t for t in result.trials if t["point"] == result.best["point"]]
+    if best and best[0]["checkpoint"]:
+        print(f"test the winner once: metalearn eval --checkpoint {best[0]['checkpoint']}")
+    return 0
 
 
 if __name__ == "__main__":

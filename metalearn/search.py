@@ -1,0 +1,266 @@
+"""Hyperparameter search against the validation split: grid or random, one trial per run.
+
+Every trial is a full :func:`~metalearn.training.train` run, scored by its best validation
+value (the checkpoint training keeps). The test split is never touched: evaluate the winner
+on it afterwards, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from metalearn.checkpoint import atomic_write
+from metalearn.config import TrainConfig
+
+SEARCH_FORMAT = 1
+# Not hyperparameters: where and how a run executes, what the search itself controls, or
+# what defines the task (validation values of different tasks do not compare).
+NOT_SEARCHABLE = {"device", "data_root", "seed", "val_every", "val_tasks", "patience",
+                  "iterations", "dataset", "ways", "shots", "eval_shots", "eval_queries"}
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` returns: every trial's record and the winning point.
+
+    ``trials`` holds one record per (point, seed): the point, the seed, the best validation
+    value with its 95% CI and iteration, and the seconds it took. ``best`` is the point with
+    the best validation value averaged over seeds.
+    """
+
+    metric: str
+    higher_is_better: bool
+    trials: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    header: dict = field(default_factory=dict)
+
+    def ranking(self) -> list[dict]:
+        """Points with their seed-averaged validation value, best first."""
+        by_point: dict[str, dict] = {}
+        for t in self.trials:
+            key = json.dumps(t["point"], sort_keys=True)
+            entry = by_point.setdefault(key, {"point": t["point"], "values": [], "ci": []})
+            entry["values"].append(t["best"]["value"] if t["best"] else math.nan)
+            entry["ci"].append(t["best"]["ci95"] if t["best"] else math.nan)
+        # One seed: that run's CI over validation tasks. Several: the mean has no CI here.
+        rows = [{"point": e["point"], "value": sum(e["values"]) / len(e["values"]),
+                 "ci95": e["ci"][0] if len(e["ci"]) == 1 else None,
+                 "seeds": len(e["values"])} for e in by_point.values()]
+
+        def key(row: dict) -> float:
+            v = row["value"]
+            if math.isnan(v):
+                return math.inf
+            return -v if self.higher_is_better else v
+
+        return sorted(rows, key=key)  # stable: ties keep the search order
+
+    def to_dict(self) -> dict:
+        return {"format": SEARCH_FORMAT, "header": self.header, "metric": self.metric,
+                "higher_is_better": self.higher_is_better, "best": self.best,
+                "ranking": self.ranking(), "trials": self.trials}
+
+
+def _field_types() -> dict[str, str]:
+    return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+
+
+def parse_value(name: str, text: str):
+    """``text`` as the type of the :class:`TrainConfig` field ``name``."""
+    kind = _field_types()[name]
+    text = text.strip()
+    if kind.startswith("bool"):
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{name} takes true or false, got {text!r}")
+    if kind.startswith("int"):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{name} takes integers, got {text!r}") from None
+    if kind.startswith("float"):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{name} takes numbers, got {text!r}") from None
+    return text
+
+
+def parse_space(specs: list[str]) -> dict[str, list]:
+    """``["inner_lr=0.1,0.2", "inner-steps=1,5"]`` as ``{"inner_lr": [0.1, 0.2], ...}``."""
+    space: dict[str, list] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name or not values.strip():
+            raise ValueError(f"{spec!r} is not NAME=V1,V2,...; for example inner_lr=0.1,0.2")
+        if name in space:
+            raise ValueError(f"{name} is given twice; list all its values in one NAME=V1,V2")
+        check_space({name: [None]})  # a known, searchable name before parsing its values
+        space[name] = [parse_value(name, v) for v in values.split(",")]
+        check_space({name: space[name]})
+    return space
+
+
+def check_space(space: dict[str, list]) -> None:
+    """Raise ``ValueError`` naming a key that is not a searchable setting, or an empty or
+    repeated value list."""
+    known = _field_types()
+    for name, values in space.items():
+        if name not in known:
+            raise ValueError(f"{name!r} is not a setting; searchable settings: "
+                             f"{', '.join(sorted(set(known) - NOT_SEARCHABLE))}")
+        if name == "seed":
+            raise ValueError("seed is not a hyperparameter; average over seeds with seeds=[...]"
+                             " (--seeds on the command line)")
+        if name in NOT_SEARCHABLE:
+            raise ValueError(f"{name} is set for the whole search, not searched; set it on "
+                             "the base config")
+        if not values:
+            raise ValueError(f"{name} has no values to try")
+        if len(set(map(repr, values))) != len(values):
+            raise ValueError(f"{name} lists a value twice: {values}")
+
+
+def grid_points(space: dict[str, list], trials: int | None = None,
+                seed: int = 0) -> list[dict]:
+    """Every combination of the values, in the order given; or, with ``trials``, that many
+    distinct combinations drawn at random (random search over the grid)."""
+    names = list(space)
+    points = [dict(zip(names, combo)) for combo in itertools.product(*space.values())]
+    if trials is None:
+        return points
+    if not 1 <= trials <= len(points):
+        raise ValueError(f"trials={trials}, but the grid has {len(points)} points; ask for "
+                         f"1 to {len(points)} (or leave trials unset for the whole grid)")
+    return random.Random(seed).sample(points, trials)
+
+
+def search(
+    base: TrainConfig,
+    space: dict[str, list],
+    *,
+    trials: int | None = None,
+    seeds: list[int] | None = None,
+    runs: str | Path | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> SearchResult:
+    """Train one run per point of ``space`` (and per seed), and rank them on validation.
+
+    Args:
+        base: the settings shared by all trials, including ``iterations``, ``val_every``,
+            ``val_tasks`` and ``patience`` (early stopping applies within each trial).
+        space: setting name -> values to try, e.g. ``{"inner_lr": [0.1, 0.4]}``.
+        trials: draw this many distinct points at random instead of the whole grid.
+        seeds: run every point with each of these seeds and average (default: base's seed).
+            All points share the seeds, so they see the same batches and validation tasks.
+        runs: folder for each trial's checkpoints and logs (``None`` keeps none).
+        out: JSON file rewritten atomically after every trial.
+        resume: reuse the trials already in ``out`` that were run with the same settings.
+        progress: a progress bar over trials.
+
+    Example:
+        >>> from metalearn.config import TrainConfig
+        >>> from metalearn.search import search
+        >>> base = TrainConfig(dataset="sine", iterations=20, val_every=10, val_tasks=10)
+        >>> result = search(base, {"inner_lr": [0.01, 0.02]}, progress=False)
+        >>> len(result.trials), sorted(result.best)
+        (2, ['ci95', 'point', 'seeds', 'value'])
+    """
+    from metalearn.training import train
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("search runs its trials one after another in one process; run it "
+                           "without torchrun (each trial can then be rerun under torchrun)")
+    check_space(space)
+    if not space:
+        raise ValueError("the search space is empty; give at least one setting to vary")
+    points = grid_points(space, trials, base.seed)
+    # Every trial is validated on the same task definition, even where a searched setting
+    # (queries, say) would otherwise move it.
+    resolved = base.resolved()
+    base = dataclasses.replace(base, eval_shots=resolved.eval_shots,
+                               eval_queries=resolved.eval_queries)
+    seeds = [base.seed] if seeds is None else list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    # Resolve every trial first: a bad value fails now, not hours into the search.
+    configs = []
+    for point in points:
+        for s in seeds:
+            try:
+                configs.append((point, s, dataclasses.replace(base, **point, seed=s).resolved()))
+            except ValueError as err:
+                raise ValueError(f"trial {point} (seed {s}): {err}") from None
+    metric = "mse" if base.dataset == "sine" else "accuracy"
+    result = SearchResult(metric=metric, higher_is_better=metric != "mse",
+                          header=_header(base, space, trials, seeds))
+    done = _load_done(out, configs) if resume else {}
+
+    bar = tqdm(configs, disable=not progress, desc="search", dynamic_ncols=True)
+    for i, (point, s, cfg) in enumerate(bar):
+        bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in point.items()) + f", seed={s}")
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        if key in done:
+            result.trials.append(done[key])
+        else:
+            ckpt = Path(runs) / f"trial{i:03d}.pt" if runs is not None else None
+            t0 = time.perf_counter()
+            run = train(cfg, checkpoint=ckpt, progress=False)
+            result.trials.append({
+                "point": point, "seed": s, "config": cfg.to_dict(), "best": run.best,
+                "iterations": run.iteration, "stopped_early": run.stopped_early,
+                "seconds": time.perf_counter() - t0,
+                "checkpoint": str(ckpt.with_suffix(".best.pt")) if ckpt else None})
+        result.best = result.ranking()[0]
+        if out is not None:
+            payload = json.dumps(result.to_dict(), indent=2).encode()
+            atomic_write(out, lambda f, p=payload: f.write(p))
+    bar.close()
+    return result
+
+
+def _header(base: TrainConfig, space: dict, trials: int | None, seeds: list[int]) -> dict:
+    import platform
+    import sys
+
+    import torch
+
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "base": base.to_dict(),
+            "space": space, "trials": trials, "seeds": seeds,
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads()}}
+
+
+def _load_done(out: str | Path | None, configs: list) -> dict[str, dict]:
+    """Trials in ``out`` whose full resolved config is one this search would run."""
+    if out is None:
+        raise ValueError("resume needs the out file of the earlier search")
+    path = Path(out)
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+        assert saved["format"] == SEARCH_FORMAT
+        trials = saved["trials"]
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise ValueError(f"{path} is not a search result of this version; move it away or "
+                         "choose another out file") from None
+    wanted = {json.dumps(cfg.to_dict(), sort_keys=True) for _, _, cfg in configs}
+    by_key = {json.dumps(t["config"], sort_keys=True): t for t in trials}
+    return {k: t for k, t in by_key.items() if k in wanted}
