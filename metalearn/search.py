@@ -8,11 +8,13 @@ on it afterwards, once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,13 +214,13 @@ def search(
     done = _load_done(out, configs) if resume else {}
 
     bar = tqdm(configs, disable=not progress, desc="search", dynamic_ncols=True)
-    for i, (point, s, cfg) in enumerate(bar):
+    for point, s, cfg in bar:
         bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in point.items()) + f", seed={s}")
         key = json.dumps(cfg.to_dict(), sort_keys=True)
         if key in done:
             result.trials.append(done[key])
         else:
-            ckpt = Path(runs) / f"trial{i:03d}.pt" if runs is not None else None
+            ckpt = Path(runs) / f"{_trial_name(point, s, key)}.pt" if runs is not None else None
             t0 = time.perf_counter()
             run = train(cfg, checkpoint=ckpt, progress=False)
             result.trials.append({
@@ -234,17 +236,19 @@ def search(
     return result
 
 
+def _trial_name(point: dict, seed: int, config_key: str) -> str:
+    """A file stem that names the point and stays the same when the grid grows (so a
+    resumed search never writes over an earlier trial's checkpoint)."""
+    readable = "_".join(f"{k}={v}" for k, v in point.items()) + f"_seed{seed}"
+    readable = re.sub(r"[^A-Za-z0-9.=+-]+", "-", readable)[:80]
+    return f"{readable}_{hashlib.sha1(config_key.encode()).hexdigest()[:8]}"
+
+
 def _header(base: TrainConfig, space: dict, trials: int | None, seeds: list[int]) -> dict:
-    import platform
-    import sys
+    from metalearn.bench import run_header
 
-    import torch
-
-    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "base": base.to_dict(),
-            "space": space, "trials": trials, "seeds": seeds,
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads()}}
+    return {**run_header(), "base": base.to_dict(), "space": space, "trials": trials,
+            "seeds": seeds}
 
 
 def _load_done(out: str | Path | None, configs: list) -> dict[str, dict]:

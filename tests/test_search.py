@@ -2,10 +2,12 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 import metalearn.training as training_module
+from metalearn.checkpoint import load_checkpoint
 from metalearn.cli import main
 from metalearn.config import TrainConfig
 from metalearn.search import SearchResult, grid_points, parse_space, search
@@ -169,10 +171,26 @@ def test_cli_search_ranks_writes_json_and_points_at_the_winner(tmp_path, capsys)
     assert rc == 0
     saved = json.loads(out.read_text())
     assert len(saved["trials"]) == 2 and saved["metric"] == "mse"
+    assert saved["header"]["space"] == {"inner_lr": [0.001, 0.05]}
+    assert saved["header"]["base"]["iterations"] == 12 and "commit" in saved["header"]
     text = capsys.readouterr().out
     winner = [t for t in saved["trials"] if t["point"] == saved["best"]["point"]][0]
     assert f"metalearn eval --checkpoint {winner['checkpoint']}" in text
-    assert (runs / "trial000.best.pt").exists() and (runs / "trial001.best.pt").exists()
+    assert sorted(p.name for p in runs.glob("*.best.pt")) == sorted(
+        Path(t["checkpoint"]).name for t in saved["trials"])
+
+
+def test_a_grown_grid_resumed_keeps_every_trials_own_checkpoint(tmp_path):
+    out, runs = tmp_path / "s.json", tmp_path / "runs"
+    base = TrainConfig(**TINY)
+    search(base, {"inner_lr": [0.01, 0.02]}, runs=runs, out=out, progress=False)
+    grown = search(base, {"inner_lr": [0.005, 0.01, 0.02]}, runs=runs, out=out, resume=True,
+                   progress=False)
+    assert len({t["checkpoint"] for t in grown.trials}) == 3
+    for trial in grown.trials:
+        saved = load_checkpoint(trial["checkpoint"])
+        assert saved["config"]["inner_lr"] == trial["point"]["inner_lr"]
+        assert saved["best"] == trial["best"]
 
 
 @pytest.mark.parametrize("argv, message", [
