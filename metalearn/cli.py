@@ -94,7 +94,7 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
     v.add_argument("--anil-inner", help="anil: comma-separated names or prefixes of the "
                    "parameters the inner loop adapts (default: the last layer's)")
     v.add_argument("--imaml-lambda", type=_positive_float, help="imaml: proximal strength "
-                   "lambda (default 1.0)")
+                   "lambda (default 2.0 on omniglot, the paper's; 1.0 on sine)")
     v.add_argument("--cg-steps", type=_non_negative_int, help="imaml: conjugate-gradient "
                    "steps (default 5; 0 = first order)")
     v.add_argument("--lslr", action=argparse.BooleanOptionalAction, help="mamlpp: per-layer "

@@ -31,6 +31,13 @@ VARIANT_DEFAULTS: dict[str, dict] = {
                    msl_iterations=5000, first_order_iterations=0, per_step_bn=True),
     "imaml": dict(inner_steps=16, imaml_lambda=1.0, cg_steps=5),
 }
+# A variant's settings for one dataset, before its VARIANT_DEFAULTS. iMAML on Omniglot: the
+# paper's lambda 2, and the inner lr that won a validation search at that lambda
+# (benchmarks/results/imaml_inner_lr_search.json); MAML's 0.4 leaves the proximal inner
+# problem unconverged (see the README).
+VARIANT_DATASET_DEFAULTS: dict[tuple[str, str], dict] = {
+    ("omniglot", "imaml"): dict(imaml_lambda=2.0, inner_lr=0.025),
+}
 
 # The papers' settings: MAML (Finn et al. 2017) and Reptile (Nichol et al. 2018).
 PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
@@ -116,7 +123,9 @@ class TrainConfig:
         family = "reptile" if self.algorithm == "reptile" else "maml"
         values = asdict(self)
         # A variant's own settings first, then the paper defaults of its family.
-        for key, value in VARIANT_DEFAULTS.get(self.algorithm, {}).items():
+        for key, value in {**VARIANT_DEFAULTS.get(self.algorithm, {}),
+                           **VARIANT_DATASET_DEFAULTS.get((self.dataset, self.algorithm),
+                                                          {})}.items():
             if values.get(key) is None:
                 values[key] = value
         for key, value in PAPER_DEFAULTS[(self.dataset, family)].items():

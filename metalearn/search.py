@@ -240,7 +240,7 @@ def _trial_name(point: dict, seed: int, config_key: str) -> str:
     """A file stem that names the point and stays the same when the grid grows (so a
     resumed search never writes over an earlier trial's checkpoint)."""
     readable = "_".join(f"{k}={v}" for k, v in point.items()) + f"_seed{seed}"
-    readable = re.sub(r"[^A-Za-z0-9.=+-]+", "-", readable)[:80]
+    readable = re.sub(r"[^A-Za-z0-9_.=+-]+", "-", readable)[:80]
     return f"{readable}_{hashlib.sha1(config_key.encode()).hexdigest()[:8]}"
 
 
