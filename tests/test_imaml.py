@@ -186,3 +186,17 @@ def test_classification_and_cli_options():
     assert isinstance(learner, IMAML) and (learner.lam, learner.cg_steps) == (0.5, 2)
     with pytest.raises(ValueError, match="lam must be a finite number > 0"):
         IMAML(MLP(), 0.01, 1, lam=0.0)
+
+
+def test_omniglot_preset_is_the_papers_lambda_with_its_own_inner_lr():
+    from metalearn.config import TrainConfig
+
+    omniglot = TrainConfig(dataset="omniglot", algorithm="imaml").resolved()
+    assert (omniglot.imaml_lambda, omniglot.inner_lr, omniglot.inner_steps) == (2.0, 0.025, 16)
+    sine = TrainConfig(dataset="sine", algorithm="imaml").resolved()
+    assert (sine.imaml_lambda, sine.inner_lr) == (1.0, 0.01)
+    given = TrainConfig(dataset="omniglot", algorithm="imaml", imaml_lambda=5.0,
+                        inner_lr=0.1).resolved()
+    assert (given.imaml_lambda, given.inner_lr) == (5.0, 0.1)
+    maml = TrainConfig(dataset="omniglot", algorithm="maml").resolved()
+    assert (maml.inner_lr, maml.imaml_lambda) == (0.4, None)
