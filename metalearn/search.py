@@ -43,8 +43,13 @@ class SearchResult:
     metric: str
     higher_is_better: bool
     trials: list[dict] = field(default_factory=list)
-    best: dict | None = None
     header: dict = field(default_factory=dict)
+
+    @property
+    def best(self) -> dict | None:
+        """The first row of :meth:`ranking`, or ``None`` before any trial."""
+        ranking = self.ranking()
+        return ranking[0] if ranking else None
 
     def ranking(self) -> list[dict]:
         """Points with their seed-averaged validation value, best first."""
@@ -183,7 +188,7 @@ def search(
         >>> len(result.trials), sorted(result.best)
         (2, ['ci95', 'point', 'seeds', 'value'])
     """
-    from metalearn.training import train
+    from metalearn.training import train, validation_metric
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError("search runs its trials one after another in one process; run it "
@@ -208,8 +213,8 @@ def search(
                 configs.append((point, s, dataclasses.replace(base, **point, seed=s).resolved()))
             except ValueError as err:
                 raise ValueError(f"trial {point} (seed {s}): {err}") from None
-    metric = "mse" if base.dataset == "sine" else "accuracy"
-    result = SearchResult(metric=metric, higher_is_better=metric != "mse",
+    metric, higher_is_better = validation_metric(base.dataset)
+    result = SearchResult(metric=metric, higher_is_better=higher_is_better,
                           header=_header(base, space, trials, seeds))
     done = _load_done(out, configs) if resume else {}
 
@@ -228,7 +233,6 @@ def search(
                 "iterations": run.iteration, "stopped_early": run.stopped_early,
                 "seconds": time.perf_counter() - t0,
                 "checkpoint": str(ckpt.with_suffix(".best.pt")) if ckpt else None})
-        result.best = result.ranking()[0]
         if out is not None:
             payload = json.dumps(result.to_dict(), indent=2).encode()
             atomic_write(out, lambda f, p=payload: f.write(p))

@@ -58,6 +58,11 @@ class TrainResult:
     stopped_early: bool = False
 
 
+def validation_metric(dataset: str) -> tuple[str, bool]:
+    """The metric validation reports for ``dataset``, and whether higher is better."""
+    return ("mse", False) if dataset == "sine" else ("accuracy", True)
+
+
 def companion_paths(checkpoint: Path) -> tuple[Path, Path]:
     """The best-model file and the JSON-lines log that live beside a checkpoint."""
     return checkpoint.with_suffix(".best.pt"), checkpoint.with_suffix(".jsonl")
@@ -166,7 +171,7 @@ def train(
     # Each rank validates its share of the tasks; the gathered table is one process's.
     val_offset, val_count = ctx.shard(cfg.val_tasks, "val_tasks")
     val_shard = val_tasks[val_offset: val_offset + val_count]
-    higher_is_better = cfg.dataset != "sine"
+    higher_is_better = validation_metric(cfg.dataset)[1]
 
     ckpt = Path(checkpoint) if checkpoint is not None else None
     best_path, log_path = companion_paths(ckpt) if ckpt else (None, None)
