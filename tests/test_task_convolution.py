@@ -1,7 +1,8 @@
-"""Convolutions run task by task under vmap (metalearn/algorithms/task_convolution.py).
+"""Convolutions under vmap, task by task or merged into groups
+(metalearn/algorithms/task_convolution.py).
 
-The reference is the plain per-task loop over the native layers, in float64; a spy on the
-vmap rule makes sure the per-task path is the one tested.
+The reference is the plain per-task loop over the native layers, in float64; spies on the
+vmap rules and on their choice make sure the path named is the one tested.
 """
 
 from __future__ import annotations
@@ -47,10 +48,24 @@ def rule_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def loop_choices(monkeypatch):
+    """Every choice of the rules between the per-task loop (True) and groups (False)."""
+    choices = []
+    choose = task_convolution._per_task_loop
+    def recorded(x):
+        choices.append(choose(x))
+        return choices[-1]
+    monkeypatch.setattr(task_convolution, "_per_task_loop", recorded)
+    return choices
+
+
+@pytest.mark.parametrize("per_task_loop", [True, False], ids=["per-task", "groups"])
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile"])
-def test_gradient_matches_native_per_task_loop(algorithm, rule_calls):
+def test_gradient_matches_native_per_task_loop(algorithm, per_task_loop, rule_calls,
+                                               loop_choices):
     model = net()
-    tasks = batch(task_convolution.PER_TASK_MIN_BATCH)
+    tasks = batch(task_convolution.PER_TASK_MIN_BATCH - (0 if per_task_loop else 1))
     if algorithm == "reptile":
         Reptile(model, 0.3, 2).step(tasks)
         ref = reptile_loop(model, tasks, 0.3, 2)
@@ -59,14 +74,44 @@ def test_gradient_matches_native_per_task_loop(algorithm, rule_calls):
         _, ref = maml_loop(model, tasks, 0.3, 2, first_order=algorithm == "fomaml")
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[name], rtol=1e-9, atol=1e-12)
-    # Every inner step's gradient and every forward went through the per-task rules.
-    assert rule_calls["conv"] > 0 and rule_calls["backward"] > 0, rule_calls
+    # The inner steps' gradients and the forwards went through the rules, by the path named;
+    # small batches in first-order inner loops (never differentiated twice) are vmap's.
+    if per_task_loop or algorithm == "maml":
+        assert rule_calls["conv"] > 0 and rule_calls["backward"] > 0, rule_calls
+    else:
+        assert rule_calls["backward"] == 0, rule_calls
+    assert set(loop_choices) == ({per_task_loop} if rule_calls["conv"] else set())
 
 
-def test_small_batches_stay_with_vmap(rule_calls):
+def test_small_batches_can_be_left_to_vmap(rule_calls, monkeypatch):
+    monkeypatch.setattr(task_convolution, "TASKS_AS_GROUPS", False)
     model = net()
     MAML(model, 0.3, 1).step(batch(task_convolution.PER_TASK_MIN_BATCH - 1))
     assert rule_calls == {"conv": 0, "backward": 0}
+
+
+def test_groups_avoid_torchs_per_group_double_backward(monkeypatch):
+    # torch's double backward of a grouped convolution runs one convolution per group, so
+    # its count grows with the tasks; this module's written-out one is one per term.
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    def convolutions(as_groups: bool, tasks: int) -> int:
+        monkeypatch.setattr(task_convolution, "TASKS_AS_GROUPS", as_groups)
+        counts.clear()
+        with Ops():
+            MAML(net(), 0.3, 2).step(batch(5, tasks))
+        return counts["aten.convolution"] + counts["aten.convolution_backward"]
+
+    counts = collections.Counter()
+    assert convolutions(True, 3) == convolutions(True, 6)
+    assert convolutions(False, 3) < convolutions(False, 6)  # what the groups path avoids
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -81,6 +126,7 @@ def test_written_out_derivatives_match_finite_differences(groups):
     conv = ((2, 2), (1, 1), (1, 1), groups)
     tol = {"atol": 1e-8, "rtol": 1e-6}
     for fn, inputs in ((lambda x, w, b: _Conv2d.apply(x, w, b, *conv), (x, w, b)),
-                       (lambda g, x, w: _Conv2dBackward.apply(g, x, w, *conv), (g, x, w))):
+                       (lambda g, x, w: _Conv2dBackward.apply(g, x, w, *conv, (True,) * 3),
+                        (g, x, w))):
         assert torch.autograd.gradcheck(fn, inputs, **tol)
         assert torch.autograd.gradgradcheck(fn, inputs, **tol)

@@ -42,6 +42,11 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.ndim > 2 and x.stride(-1) != 1
 
 
+def at_most_once() -> bool:
+    """Whether the code running now is inside :func:`differentiated_at_most_once`."""
+    return _AT_MOST_ONCE.get()
+
+
 @contextmanager
 def differentiated_at_most_once() -> Iterator[None]:
     """Use the native normalisation kernels for forwards run inside this block.
