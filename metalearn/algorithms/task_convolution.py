@@ -33,7 +33,7 @@ from metalearn.algorithms.norm_layers import at_most_once
 # 2-core CPU (task_convolution_crossover.json: even at 20 images, 1.5x faster at 40).
 PER_TASK_MIN_BATCH = 32
 # Whether small per-task batches are merged into groups here (False: left to vmap's own
-# grouped rule and torch's double backward; benchmarks/speed_directions.py compares them).
+# grouped rule and torch's double backward; benchmarks/grouped_double_backward.py times both).
 TASKS_AS_GROUPS = True
 
 
