@@ -44,7 +44,16 @@ def _conv_backward(g, x, w, stride, padding, dilation, groups, mask=(True, True,
 
 def _per_task_loop(x: torch.Tensor) -> bool:
     """Whether a task-first ``(tasks, N, ...)`` batch runs task by task (else as groups)."""
-    return x.shape[1] >= PER_TASK_MIN_BATCH and x.device.type == "cpu"
+    return _large(x.shape[1], x.device)
+
+
+def _large(per_task_batch: int, device: torch.device) -> bool:
+    return per_task_batch >= PER_TASK_MIN_BATCH and device.type == "cpu"
+
+
+def _masked(dims: tuple[int, int, int], mask: tuple[bool, ...]) -> tuple[int | None, ...]:
+    """vmap out_dims of ``(dx, dw, db)``: None for the gradients ``mask`` leaves out."""
+    return tuple(d if m else None for d, m in zip(dims, mask))
 
 
 def _as_groups(x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +163,6 @@ class _Conv2dBackward(torch.autograd.Function):
     def vmap(info, in_dims, g, x, weight, stride, padding, dilation, groups, mask):
         tasks = info.batch_size
         g_dim, x_dim, w_dim = in_dims[:3]
-        out_dims = tuple(d if m else None for d, m in zip((0, 0, 0), mask))
         g, x = task_first(g, g_dim, tasks), task_first(x, x_dim, tasks)
         if not _per_task_loop(x):
             return _grouped_backward(g, x, weight, w_dim, (stride, padding, dilation, groups),
@@ -162,7 +170,8 @@ class _Conv2dBackward(torch.autograd.Function):
         per_task = (g.unbind(0), x.unbind(0), task_first(weight, w_dim, tasks).unbind(0))
         outs = [_conv_backward(gt, xt, wt, stride, padding, dilation, groups, mask)
                 for gt, xt, wt in zip(*per_task)]
-        return tuple(torch.stack(o) if m else None for o, m in zip(zip(*outs), mask)), out_dims
+        return (tuple(torch.stack(o) if m else None for o, m in zip(zip(*outs), mask)),
+                _masked((0, 0, 0), mask))
 
 
 def _grouped_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -193,15 +202,15 @@ def _grouped_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         dx_dim = 0
     outs = (dx, None if dw is None else dw.view(tasks, -1, *dw.shape[1:]),
             None if db is None else db.view(tasks, -1))
-    return outs, tuple(d if m else None for d, m in zip((dx_dim, 0, 0), mask))
+    return outs, _masked((dx_dim, 0, 0), mask)
 
 
 def _conv2d_forward(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     # Outside vmap the Function is the native convolution; under it, its rule decides. Where
     # nothing is differentiated twice (first-order inner loops, evaluation), torch's double
     # backward never runs, and vmap's own grouped rule costs less Python per call.
-    large = x.shape[0] >= PER_TASK_MIN_BATCH and x.device.type == "cpu"
-    if x.ndim == 4 and (large or (TASKS_AS_GROUPS and not at_most_once())):
+    if x.ndim == 4 and (_large(x.shape[0], x.device)
+                        or (TASKS_AS_GROUPS and not at_most_once())):
         return _Conv2d.apply(x, module.weight, module.bias, module.stride, module.padding,
                              module.dilation, module.groups)
     return module._conv_forward(x, module.weight, module.bias)
