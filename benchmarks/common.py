@@ -68,6 +68,13 @@ def interleaved_medians(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a float32 ``size`` x ``size`` matmul: the machine's reachable peak, measured
+    in the run that reports fractions of it."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / median_seconds(lambda: a @ b, repeats=repeats, warmup=2) / 1e9
+
+
 SPEED_ENVIRONMENT = ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LD_PRELOAD")
 
 

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
     header,
     interleaved_medians,
+    matmul_peak_gflops,
     median_seconds,
     omniglot_5w1s_batch,
     seeded_conv4_learner,
@@ -105,11 +106,6 @@ def threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / median_seconds(lambda: a @ b, repeats=repeats, warmup=2) / 1e9
 
 
 def loop_flops(model: nn.Module, batch, algo: str, steps: int) -> int:

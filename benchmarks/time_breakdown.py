@@ -1,0 +1,207 @@
+"""Where the time of a meta-iteration goes: convolutions, other operations, per-call overhead.
+
+    python benchmarks/time_breakdown.py [--repeats 7] [--malloc-reuse]
+
+Omniglot 5-way 1-shot, Conv4, meta-batch 32, at (a) 1 and (b) 15 queries per class, for
+MAML 1 and 5 steps, FOMAML 5 and Reptile 5: the four learners of issue #8's table. For each:
+
+* ``seconds``: the median meta-iteration (``zero_grad`` + ``step``) of the library as it is;
+* under a dispatch mode that times every kernel call, below autograd and ``vmap`` (so it
+  sees the batched kernels that really run): the time in convolutions (forward and
+  backward), with their FLOPs counted here per call from the shapes, grouped ones
+  included (``torch.utils.flop_counter`` overcounts those), as GFLOP/s and a fraction of
+  a float32 matmul peak measured in the same run; the time in all other kernels; and the
+  number of calls. The mode's own Python cost per call inflates these (compare
+  ``timed_seconds`` with ``seconds``);
+* ``floor_seconds``: the same learner on Conv4 with 4 filters instead of 64 (about 1/250
+  of the convolution FLOPs; same batch, same calls), taking turns with the first: what is
+  left when the arithmetic almost vanishes, i.e. the per-call cost of dispatch, ``vmap``,
+  autograd and Python;
+* ``bound_seconds``: ``floor_seconds`` plus the convolutions' FLOPs at the matmul peak.
+  No implementation of this design (the same kernels, called as often) is faster unless
+  it also cuts the calls; everything else (the norm layers' elementwise passes) is
+  counted as free.
+
+``--malloc-reuse`` applies :func:`metalearn.allocator.reuse_freed_memory` first, as the
+command line does. Run it on an otherwise idle machine. Writes
+benchmarks/results/time_breakdown.json (``time_breakdown_malloc_reuse.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from math import prod
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    header,
+    interleaved_medians,
+    matmul_peak_gflops,
+    omniglot_5w1s_batch,
+    seeded_conv4_learner,
+    write_json,
+)
+
+CASES = (("maml", 1), ("maml", 5), ("fomaml", 5), ("reptile", 5))
+FLOOR_FILTERS = 4
+_CONV = "convolution"
+_CONV_BACKWARD = "convolution_backward"
+
+
+def convolution_flops(name: str, args: tuple, out) -> int:
+    """Multiply-adds x 2 of one ``aten.convolution`` or ``aten.convolution_backward`` call.
+
+    Each output element of a convolution sums ``C_in / groups * prod(kernel)`` products
+    (``weight.shape[1:]``); its input and weight gradients cost the same as the forward
+    each, and the bias gradient (a sum) is not counted, as in ``torch.utils.flop_counter``.
+    For a transposed convolution the roles of input and output swap.
+    """
+    if name == _CONV:
+        x, weight, transposed = args[0], args[1], args[6]
+        per_output = prod(weight.shape[1:])
+        return 2 * (x.numel() if transposed else out.numel()) * per_output
+    g, x, weight, transposed, mask = args[0], args[1], args[2], args[7], args[10]
+    per_output = prod(weight.shape[1:])
+    return 2 * (x.numel() if transposed else g.numel()) * per_output * (mask[0] + mask[1])
+
+
+class KernelTimer(TorchDispatchMode):
+    """Wall time and calls per kernel, and the convolutions' FLOPs, of the code run inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: collections.Counter = collections.Counter()
+        self.calls: collections.Counter = collections.Counter()
+        self.conv_flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds[name] += time.perf_counter() - t0
+        self.calls[name] += 1
+        if name in (_CONV, _CONV_BACKWARD):
+            self.conv_flops += convolution_flops(name, args, out)
+        return out
+
+
+def conv4_iteration(algorithm: str, steps: int, batch, filters: int = 64):
+    """A function that runs one meta-iteration of ``algorithm`` on Conv4 with ``filters``
+    filters (64: the seed-0 weights of the speed benchmarks)."""
+    from metalearn import FOMAML, MAML, Reptile
+    from metalearn.models import Conv4
+
+    if filters == 64:
+        model, learner = seeded_conv4_learner(algorithm, steps)
+    else:
+        torch.manual_seed(0)
+        model = Conv4(ways=5, hidden=filters)
+        learner = {"maml": MAML, "fomaml": FOMAML, "reptile": Reptile}[algorithm](
+            model, 0.4, steps)
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        learner.step(batch)
+
+    return run
+
+
+def convolution_gflop(run, iterations: int = 1) -> float:
+    """GFLOP of convolution per call of ``run()``, counted by :class:`KernelTimer`."""
+    timer = KernelTimer()
+    with timer:
+        for _ in range(iterations):
+            run()
+    return timer.conv_flops / iterations / 1e9
+
+
+def breakdown(algorithm: str, steps: int, batch, repeats: int, timed: int, peak: float
+              ) -> dict:
+    run, floor = conv4_iteration(algorithm, steps, batch), conv4_iteration(
+        algorithm, steps, batch, FLOOR_FILTERS)
+    medians = interleaved_medians({"full": run, "floor": floor}, repeats=repeats, warmup=2)
+    timer = KernelTimer()
+    t0 = time.perf_counter()
+    with timer:
+        for _ in range(timed):
+            run()
+    timed_seconds = (time.perf_counter() - t0) / timed
+    conv_seconds = (timer.seconds[_CONV] + timer.seconds[_CONV_BACKWARD]) / timed
+    kernel_seconds = sum(timer.seconds.values()) / timed
+    conv_gflop = timer.conv_flops / timed / 1e9
+    top = [(k, v / timed) for k, v in timer.seconds.most_common()
+           if k not in (_CONV, _CONV_BACKWARD)][:8]
+    return {
+        "seconds": medians["full"],
+        "timed_seconds": timed_seconds,
+        "conv_seconds": conv_seconds,
+        "conv_gflop": conv_gflop,
+        "conv_gflops": conv_gflop / conv_seconds,
+        "conv_fraction_of_peak": conv_gflop / conv_seconds / peak,
+        "other_kernel_seconds": kernel_seconds - conv_seconds,
+        "kernel_calls": sum(timer.calls.values()) // timed,
+        "conv_calls": (timer.calls[_CONV] + timer.calls[_CONV_BACKWARD]) // timed,
+        "top_other_kernels_seconds": dict(top),
+        "floor_seconds": medians["floor"],
+        "conv_seconds_at_peak": conv_gflop / peak,
+        "bound_seconds": medians["floor"] + conv_gflop / peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per case")
+    parser.add_argument("--timed", type=int, default=3,
+                        help="iterations under the kernel timer per case")
+    parser.add_argument("--queries", default="1,15", help="queries per class, e.g. 1")
+    parser.add_argument("--malloc-reuse", action="store_true",
+                        help="apply metalearn.allocator.reuse_freed_memory() first")
+    args = parser.parse_args()
+    for name in ("repeats", "timed"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    try:
+        queries = [int(q) for q in args.queries.split(",")]
+    except ValueError:
+        parser.error(f"--queries must be comma-separated integers, got {args.queries!r}")
+    if args.malloc_reuse:
+        from metalearn.allocator import reuse_freed_memory
+
+        if not reuse_freed_memory():
+            parser.error("--malloc-reuse needs glibc's malloc (Linux)")
+    t_start = time.perf_counter()
+    peak = matmul_peak_gflops()
+    print(f"float32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
+    rows = []
+    for q in queries:
+        batch = omniglot_5w1s_batch(q)
+        for algorithm, steps in CASES:
+            row = {"queries_per_class": q, "algorithm": algorithm, "inner_steps": steps,
+                   **breakdown(algorithm, steps, batch, args.repeats, args.timed, peak)}
+            rows.append(row)
+            print(f"(q={q:2d}) {algorithm}-{steps}: {row['seconds']:.3f}s; under the timer "
+                  f"{row['timed_seconds']:.3f}s = conv {row['conv_seconds']:.3f}s "
+                  f"({row['conv_gflop']:.1f} GFLOP, {row['conv_gflops']:.0f} GFLOP/s, "
+                  f"{100 * row['conv_fraction_of_peak']:.0f}% of peak) + other kernels "
+                  f"{row['other_kernel_seconds']:.3f}s ({row['kernel_calls']} calls); "
+                  f"floor {row['floor_seconds']:.3f}s, bound {row['bound_seconds']:.3f}s",
+                  flush=True)
+    h = header(seed=0)
+    h.update(wall_seconds=time.perf_counter() - t_start, matmul_peak_gflops=peak,
+             floor_filters=FLOOR_FILTERS)
+    name = "time_breakdown_malloc_reuse.json" if args.malloc_reuse else "time_breakdown.json"
+    print(f"wrote {write_json(name, {'header': h, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
