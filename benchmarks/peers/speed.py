@@ -10,6 +10,12 @@ before anything is timed; the two then take turns, round by round. learn2learn h
 Reptile class; its example (deepcopy the model per task, SGD steps, average the
 differences) is what we time for it, with the query loss and accuracy after adaptation
 that metalearn's ``Reptile.step`` returns.
+
+Each row also has metalearn's ceiling in the same run (benchmarks/time_breakdown.py):
+``ceiling_seconds`` is the meta-iteration of Conv4 with 4 filters (the same calls with
+almost no arithmetic: the per-call cost) plus the convolutions' FLOPs at a float32
+matmul peak measured at the start, and ``ceiling_speedup`` is learn2learn's time over it:
+the most this design could reach if all its other work were free.
 Run on an idle machine. Writes benchmarks/results/speed_vs_l2l.json (or ``--out``); the
 header records GLIBC_TUNABLES and thread variables if set (benchmarks/malloc_tunables.py).
 """
@@ -31,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
     header,
     interleaved_medians,
+    matmul_peak_gflops,
     omniglot_5w1s_batch,
     write_json,
 )
@@ -38,6 +45,11 @@ from benchmarks.peers.l2l_parity import (  # noqa: E402
     batch_statistics_only,
     l2l_grads,
     task_loss,
+)
+from benchmarks.time_breakdown import (  # noqa: E402
+    FLOOR_FILTERS,
+    conv4_iteration,
+    convolution_gflop,
 )
 from metalearn import FOMAML, MAML, Reptile  # noqa: E402
 from metalearn.models import Conv4  # noqa: E402
@@ -94,6 +106,8 @@ def main() -> None:
     args = parser.parse_args()
     t_start = time.perf_counter()
     h = header(seed=0)  # at the start: the commit that runs, even if HEAD moves meanwhile
+    peak = matmul_peak_gflops()
+    print(f"float32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
     rows = []
     for queries in (1, 15):
         batch = omniglot_5w1s_batch(queries, args.meta_batch)
@@ -116,17 +130,24 @@ def main() -> None:
             def run_theirs(theirs=theirs, batch=batch, algo=algo, steps=steps):
                 l2l_step(theirs, batch, algo, steps)
 
-            medians = interleaved_medians({"ours": run_ours, "theirs": run_theirs},
-                                          args.repeats)
+            medians = interleaved_medians(
+                {"ours": run_ours, "theirs": run_theirs,
+                 "floor": conv4_iteration(algo, steps, batch, FLOOR_FILTERS)}, args.repeats)
             t_ours, t_theirs = medians["ours"], medians["theirs"]
+            conv_gflop = convolution_gflop(run_ours)
+            ceiling = medians["floor"] + conv_gflop / peak
             row = {"queries_per_class": queries, "algorithm": algo, "inner_steps": steps,
                    "metalearn_seconds": t_ours, "learn2learn_seconds": t_theirs,
-                   "speedup": t_theirs / t_ours, "grad_parity_max_rel": parity}
+                   "speedup": t_theirs / t_ours, "grad_parity_max_rel": parity,
+                   "metalearn_floor_seconds": medians["floor"], "conv_gflop": conv_gflop,
+                   "ceiling_seconds": ceiling, "ceiling_speedup": t_theirs / ceiling}
             rows.append(row)
             print(f"({'a' if queries == 1 else 'b'}) {queries:2d} q/class {algo:7s} k={steps}  "
                   f"metalearn {t_ours:.3f}s  learn2learn {t_theirs:.3f}s  "
-                  f"x{row['speedup']:.2f}  parity {parity:.1e}", flush=True)
+                  f"x{row['speedup']:.2f} (ceiling x{row['ceiling_speedup']:.2f})  "
+                  f"parity {parity:.1e}", flush=True)
     h.update(wall_seconds=time.perf_counter() - t_start, learn2learn=l2l.__version__,
+             matmul_peak_gflops=peak, floor_filters=FLOOR_FILTERS,
              threads=torch.get_num_threads(), meta_batch=args.meta_batch, repeats=args.repeats)
     print(f"wrote {write_json(args.out, {'header': h, 'rows': rows})}")
 
