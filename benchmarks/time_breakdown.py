@@ -17,10 +17,15 @@ MAML 1 and 5 steps, FOMAML 5 and Reptile 5: the four learners of issue #8's tabl
   of the convolution FLOPs; same batch, same calls), taking turns with the first: what is
   left when the arithmetic almost vanishes, i.e. the per-call cost of dispatch, ``vmap``,
   autograd and Python;
-* ``bound_seconds``: ``floor_seconds`` plus the convolutions' FLOPs at the matmul peak.
-  No implementation of this design (the same kernels, called as often) is faster unless
-  it also cuts the calls; everything else (the norm layers' elementwise passes) is
-  counted as free.
+* ``bound_seconds``: ``floor_seconds`` plus the convolutions' FLOPs at the rate of a large
+  dense 3x3 convolution measured in the same run (``conv_peak_gflops``; on this AMD CPU
+  twice the MKL matmul rate, which understates it). An estimate, not a proof: an
+  implementation of this design (the same kernels, called as often) gets near it only if
+  everything else (the norm layers' elementwise passes, layout reorders) costs nothing
+  and every convolution, backward ones included, runs as fast as that large forward;
+* ``onednn_milliseconds``: one iteration's time inside oneDNN's primitives by kind, from
+  its verbose log: ``convolution`` (the arithmetic) against ``reorder`` (layout
+  conversions).
 
 ``--malloc-reuse`` applies :func:`metalearn.allocator.reuse_freed_memory` first, as the
 command line does. Run it on an otherwise idle machine. Writes
@@ -31,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
+import tempfile
 import time
 from math import prod
 from pathlib import Path
@@ -42,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    conv_peak_gflops,
     header,
     interleaved_medians,
     matmul_peak_gflops,
@@ -116,6 +124,38 @@ def conv4_iteration(algorithm: str, steps: int, batch, filters: int = 64):
     return run
 
 
+def onednn_milliseconds(run) -> dict[str, float]:
+    """oneDNN's own execution time of each primitive kind during ``run()``, in ms.
+
+    From oneDNN's verbose log (each primitive's exec time, as oneDNN measures it), written
+    to the process's stdout, which is redirected to a file meanwhile. ``reorder`` is
+    layout conversion: torch's NCHW tensors to and from the blocked formats the kernels
+    compute in, and per-task weights, which change every step, reordered on every call.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                run()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        totals: collections.Counter = collections.Counter()
+        for line in log:
+            fields = line.rstrip().split(",")
+            # onednn_verbose,v1,primitive,exec,cpu,<kind>,<implementation>,...,<ms>
+            if len(fields) > 6 and fields[0] == "onednn_verbose" and fields[3] == "exec":
+                try:
+                    totals[fields[5]] += float(fields[-1])
+                except ValueError:
+                    continue
+    return dict(totals)
+
+
 def convolution_gflop(run, iterations: int = 1) -> float:
     """GFLOP of convolution per call of ``run()``, counted by :class:`KernelTimer`."""
     timer = KernelTimer()
@@ -125,8 +165,8 @@ def convolution_gflop(run, iterations: int = 1) -> float:
     return timer.conv_flops / iterations / 1e9
 
 
-def breakdown(algorithm: str, steps: int, batch, repeats: int, timed: int, peak: float
-              ) -> dict:
+def breakdown(algorithm: str, steps: int, batch, repeats: int, timed: int, peak: float,
+              conv_peak: float) -> dict:
     run, floor = conv4_iteration(algorithm, steps, batch), conv4_iteration(
         algorithm, steps, batch, FLOOR_FILTERS)
     medians = interleaved_medians({"full": run, "floor": floor}, repeats=repeats, warmup=2)
@@ -139,6 +179,7 @@ def breakdown(algorithm: str, steps: int, batch, repeats: int, timed: int, peak:
     conv_seconds = (timer.seconds[_CONV] + timer.seconds[_CONV_BACKWARD]) / timed
     kernel_seconds = sum(timer.seconds.values()) / timed
     conv_gflop = timer.conv_flops / timed / 1e9
+    onednn = {} if torch.cuda.is_available() else onednn_milliseconds(run)
     top = [(k, v / timed) for k, v in timer.seconds.most_common()
            if k not in (_CONV, _CONV_BACKWARD)][:8]
     return {
@@ -148,13 +189,15 @@ def breakdown(algorithm: str, steps: int, batch, repeats: int, timed: int, peak:
         "conv_gflop": conv_gflop,
         "conv_gflops": conv_gflop / conv_seconds,
         "conv_fraction_of_peak": conv_gflop / conv_seconds / peak,
+        "conv_fraction_of_conv_peak": conv_gflop / conv_seconds / conv_peak,
         "other_kernel_seconds": kernel_seconds - conv_seconds,
         "kernel_calls": sum(timer.calls.values()) // timed,
         "conv_calls": (timer.calls[_CONV] + timer.calls[_CONV_BACKWARD]) // timed,
         "top_other_kernels_seconds": dict(top),
+        "onednn_milliseconds": onednn,
         "floor_seconds": medians["floor"],
-        "conv_seconds_at_peak": conv_gflop / peak,
-        "bound_seconds": medians["floor"] + conv_gflop / peak,
+        "conv_seconds_at_conv_peak": conv_gflop / conv_peak,
+        "bound_seconds": medians["floor"] + conv_gflop / conv_peak,
     }
 
 
@@ -180,25 +223,30 @@ def main() -> None:
         if not reuse_freed_memory():
             parser.error("--malloc-reuse needs glibc's malloc (Linux)")
     t_start = time.perf_counter()
-    peak = matmul_peak_gflops()
-    print(f"float32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
+    peak, conv_peak = matmul_peak_gflops(), conv_peak_gflops()
+    print(f"float32 matmul peak: {peak:.1f} GFLOP/s, 3x3 convolution peak: {conv_peak:.1f}",
+          flush=True)
     rows = []
     for q in queries:
         batch = omniglot_5w1s_batch(q)
         for algorithm, steps in CASES:
             row = {"queries_per_class": q, "algorithm": algorithm, "inner_steps": steps,
-                   **breakdown(algorithm, steps, batch, args.repeats, args.timed, peak)}
+                   **breakdown(algorithm, steps, batch, args.repeats, args.timed, peak,
+                                conv_peak)}
             rows.append(row)
             print(f"(q={q:2d}) {algorithm}-{steps}: {row['seconds']:.3f}s; under the timer "
                   f"{row['timed_seconds']:.3f}s = conv {row['conv_seconds']:.3f}s "
                   f"({row['conv_gflop']:.1f} GFLOP, {row['conv_gflops']:.0f} GFLOP/s, "
-                  f"{100 * row['conv_fraction_of_peak']:.0f}% of peak) + other kernels "
+                  f"{100 * row['conv_fraction_of_peak']:.0f}% of matmul, "
+                  f"{100 * row['conv_fraction_of_conv_peak']:.0f}% of conv peak) + other kernels "
                   f"{row['other_kernel_seconds']:.3f}s ({row['kernel_calls']} calls); "
-                  f"floor {row['floor_seconds']:.3f}s, bound {row['bound_seconds']:.3f}s",
+                  f"floor {row['floor_seconds']:.3f}s, bound {row['bound_seconds']:.3f}s; "
+                  "oneDNN ms: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(
+                      row["onednn_milliseconds"].items(), key=lambda kv: -kv[1])),
                   flush=True)
     h = header(seed=0)
     h.update(wall_seconds=time.perf_counter() - t_start, matmul_peak_gflops=peak,
-             floor_filters=FLOOR_FILTERS)
+             conv_peak_gflops=conv_peak, floor_filters=FLOOR_FILTERS)
     name = "time_breakdown_malloc_reuse.json" if args.malloc_reuse else "time_breakdown.json"
     print(f"wrote {write_json(name, {'header': h, 'rows': rows})}")
 

@@ -63,3 +63,14 @@ def test_grouped_convolution_is_the_sum_of_its_groups():
     assert ours == per_group > 0
     # torch 2.13's flop_counter gets the grouped backward wrong: why the benchmark counts.
     assert counter != per_group
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_onednn_split_sees_the_convolution_and_leaves_stdout_working(capfd):
+    from benchmarks.time_breakdown import onednn_milliseconds
+
+    x, w = torch.randn(4, 16, 12, 12), torch.randn(16, 16, 3, 3)
+    totals = onednn_milliseconds(lambda: F.conv2d(x, w, padding=1))
+    assert totals.get("convolution", 0) > 0
+    print("still here")
+    assert "still here" in capfd.readouterr().out
