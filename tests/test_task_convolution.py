@@ -7,6 +7,8 @@ vmap rules and on their choice make sure the path named is the one tested.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -130,3 +132,27 @@ def test_written_out_derivatives_match_finite_differences(groups):
                         (g, x, w))):
         assert torch.autograd.gradcheck(fn, inputs, **tol)
         assert torch.autograd.gradgradcheck(fn, inputs, **tol)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_meta_loss_compiles_with_the_groups_path(rule_calls):
+    # Dynamo traced the vmap rules as frames of their own, and inductor failed on them once
+    # the layers' differing shapes made them dynamic; they now run eagerly.
+    model = net().float()
+    learner = MAML(model, 0.1, 1)
+    tasks = batch(5).to("cpu", torch.float32)
+    model.zero_grad()
+    learner.step(tasks)
+    eager = [p.grad.clone() for p in model.parameters()]
+    rule_calls.update(conv=0, backward=0)
+    torch._dynamo.reset()
+    try:
+        model.zero_grad()
+        loss, _ = torch.compile(learner.meta_loss)(tasks)
+        loss.backward()
+    finally:
+        torch._dynamo.reset()
+    assert rule_calls["conv"] > 0 and rule_calls["backward"] > 0  # the groups path ran
+    for p, e in zip(model.parameters(), eager):
+        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)

@@ -15,6 +15,10 @@ grouped convolution (``_convolution_double_backward``) computes its weight term 
 at a time, 32 small convolutions and a ``cat`` per layer, where the written-out backward of
 :class:`_Conv2dBackward` is one grouped convolution per term. The backward is a Function
 of the same kind, so an inner-loop gradient taken under ``vmap`` is batched the same way.
+
+Under ``torch.compile`` the vmap rules run eagerly: dynamo traces them as frames of their
+own, and torch 2.13's inductor fails on them once their shapes turn dynamic ("cannot
+determine truth value of Relational").
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ class _Conv2d(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
     @staticmethod
+    @torch.compiler.disable  # see the module docstring
     def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups):
         tasks = info.batch_size
         x_dim, w_dim, b_dim = in_dims[:3]
@@ -160,6 +165,7 @@ class _Conv2dBackward(torch.autograd.Function):
         return d_g, d_x, d_w, None, None, None, None, None
 
     @staticmethod
+    @torch.compiler.disable  # see the module docstring
     def vmap(info, in_dims, g, x, weight, stride, padding, dilation, groups, mask):
         tasks = info.batch_size
         g_dim, x_dim, w_dim = in_dims[:3]
