@@ -4,7 +4,7 @@ as one grouped convolution with a cheap double backward for small ones.
 ``vmap`` over tasks turns a convolution whose weights differ per task into one grouped
 convolution. On CPU that wins for small per-task batches (MAML's 5-image support sets) and
 loses for large ones: with 75 query images per task, the forward and backward of 32 tasks'
-grouped convolutions take 1.9x as long as 32 plain ones on Conv4's layers
+grouped convolutions take 2x as long as 32 plain ones on Conv4's layers
 (``benchmarks/task_convolution_crossover.py``). Here the convolution is a Function whose vmap
 rule loops over tasks with the native kernel when a task's batch has at least
 :data:`PER_TASK_MIN_BATCH` examples (on CPU; elsewhere a loop pays one launch per task), so
@@ -34,7 +34,7 @@ from metalearn.algorithms.layer_swap import swapped_forwards, task_first
 from metalearn.algorithms.norm_layers import at_most_once
 
 # Per-task batch from which the loop beats the grouped convolution on Conv4's layers on a
-# 2-core CPU (task_convolution_crossover.json: even at 20 images, 1.5x faster at 40).
+# 2-core CPU (task_convolution_crossover.json: about even at 20 images, 1.8x faster at 40).
 PER_TASK_MIN_BATCH = 32
 # Whether small per-task batches are merged into groups here (False: left to vmap's own
 # grouped rule and torch's double backward; benchmarks/grouped_double_backward.py times both).
