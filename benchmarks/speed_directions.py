@@ -21,6 +21,8 @@ those run task by task, metalearn/algorithms/task_convolution.py):
 
 Each direction's meta-gradient is checked against the default's (max abs difference over
 the largest entry). Achieved GFLOP/s is reported as a fraction of a float32 matmul peak
+and of a large 3x3 convolution's rate (``fraction_of_conv_peak``; on this AMD CPU MKL's
+matmul runs at about half of oneDNN's convolution rate, benchmarks/common.py),
 measured in the same run; the FLOPs are counted with ``torch.utils.flop_counter`` on the
 per-task loop of ``tests/reference.py`` (plain convolutions, which it counts correctly:
 it overcounts the grouped convolutions of the batched path). Run it on an idle machine.
@@ -43,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    conv_peak_gflops,
     header,
     interleaved_medians,
     matmul_peak_gflops,
@@ -122,8 +125,9 @@ def main() -> None:
     parser.add_argument("--queries", default="1,15", help="queries per class, e.g. 1")
     args = parser.parse_args()
     t_start = time.perf_counter()
-    peak = matmul_peak_gflops()
-    print(f"float32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
+    peak, conv_peak = matmul_peak_gflops(), conv_peak_gflops()
+    print(f"float32 matmul peak: {peak:.1f} GFLOP/s, 3x3 convolution peak: {conv_peak:.1f}",
+          flush=True)
     rows = []
     for queries in (int(q) for q in args.queries.split(",")):
         batch = omniglot_5w1s_batch(queries)
@@ -155,6 +159,7 @@ def main() -> None:
                 diff = max((a - b).abs().max().item() for a, b in zip(run(ctx), reference))
                 row[name] = {"seconds": seconds, "gflops": flops / seconds / 1e9,
                              "fraction_of_peak": flops / seconds / 1e9 / peak,
+                             "fraction_of_conv_peak": flops / seconds / 1e9 / conv_peak,
                              "speedup_vs_default": None, "grad_rel_diff": diff / scale}
             for name in directions:
                 row[name]["speedup_vs_default"] = row["default"]["seconds"] / row[name]["seconds"]
@@ -167,6 +172,7 @@ def main() -> None:
                 f"x{row[n]['speedup_vs_default']:.2f})" for n in directions), flush=True)
     h = header(seed=0)
     h.update(wall_seconds=time.perf_counter() - t_start, matmul_peak_gflops=peak,
+             conv_peak_gflops=conv_peak,
              threads=torch.get_num_threads())
     print(f"wrote {write_json('speed_directions.json', {'header': h, 'rows': rows})}")
 
