@@ -9,11 +9,12 @@ MAML 1 and 5 steps, FOMAML 5 and Reptile 5: the four learners of issue #8's tabl
 * under a dispatch mode that times every kernel call, below autograd and ``vmap`` (so it
   sees the batched kernels that really run): the time in convolutions (forward and
   backward), with their FLOPs counted here per call from the shapes, grouped ones
-  included (``torch.utils.flop_counter`` overcounts those), as GFLOP/s and a fraction of
-  a float32 matmul peak measured in the same run; the time in all other kernels; and the
+  included (torch 2.13's ``torch.utils.flop_counter`` gets their backward wrong), as
+  GFLOP/s and as fractions of a float32 matmul peak and of a large 3x3 convolution's rate,
+  both measured in the same run; the time in all other kernels; and the
   number of calls. The mode's own Python cost per call inflates these (compare
   ``timed_seconds`` with ``seconds``);
-* ``floor_seconds``: the same learner on Conv4 with 4 filters instead of 64 (about 1/250
+* ``floor_seconds``: the same learner on Conv4 with 4 filters instead of 64 (about 1/150
   of the convolution FLOPs; same batch, same calls), taking turns with the first: what is
   left when the arithmetic almost vanishes, i.e. the per-call cost of dispatch, ``vmap``,
   autograd and Python;
