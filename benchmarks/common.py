@@ -29,14 +29,15 @@ def omniglot_5w1s_batch(queries: int, meta_batch: int = 32):
                          progress=False).sample(meta_batch)
 
 
-def seeded_conv4_learner(algorithm: str, steps: int, inner_lr: float = 0.4):
-    """(model, learner): Conv4 with the seed-0 initial weights, under MAML, FOMAML, Reptile or
-    ANIL."""
+def seeded_conv4_learner(algorithm: str, steps: int, inner_lr: float = 0.4,
+                         filters: int = 64):
+    """(model, learner): Conv4 (``filters`` per layer) with the seed-0 initial weights, under
+    MAML, FOMAML, Reptile or ANIL."""
     from metalearn import ANIL, FOMAML, MAML, Reptile
     from metalearn.models import Conv4
 
     torch.manual_seed(0)
-    model = Conv4(ways=5)
+    model = Conv4(ways=5, hidden=filters)
     return model, {"maml": MAML, "fomaml": FOMAML, "reptile": Reptile, "anil": ANIL}[algorithm](
         model, inner_lr, steps)
 

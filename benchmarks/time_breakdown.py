@@ -106,17 +106,8 @@ class KernelTimer(TorchDispatchMode):
 
 def conv4_iteration(algorithm: str, steps: int, batch, filters: int = 64):
     """A function that runs one meta-iteration of ``algorithm`` on Conv4 with ``filters``
-    filters (64: the seed-0 weights of the speed benchmarks)."""
-    from metalearn import FOMAML, MAML, Reptile
-    from metalearn.models import Conv4
-
-    if filters == 64:
-        model, learner = seeded_conv4_learner(algorithm, steps)
-    else:
-        torch.manual_seed(0)
-        model = Conv4(ways=5, hidden=filters)
-        learner = {"maml": MAML, "fomaml": FOMAML, "reptile": Reptile}[algorithm](
-            model, 0.4, steps)
+    filters, from the seed-0 weights of the speed benchmarks."""
+    model, learner = seeded_conv4_learner(algorithm, steps, filters=filters)
 
     def run() -> None:
         model.zero_grad(set_to_none=True)
