@@ -17,6 +17,11 @@ almost no arithmetic: the per-call cost) plus the convolutions' FLOPs at the rat
 large dense 3x3 convolution measured at the start, and ``ceiling_speedup`` is
 learn2learn's time over it: about the most this design could reach if all its other work
 were free and every convolution ran as fast as that one.
+
+For the goal of 3x, each row also has ``goal_seconds`` (learn2learn's time over 3), the
+time oneDNN itself spends in one iteration of each library (``*_onednn_ms``: convolution
+and reorder primitives, from its verbose log), and ``conv_only_speedup``: learn2learn's
+time over the convolution FLOPs alone at the peak rate (no per-call cost, nothing else).
 Run on an idle machine. Writes benchmarks/results/speed_vs_l2l.json (or ``--out``); the
 header records GLIBC_TUNABLES and thread variables if set (benchmarks/malloc_tunables.py).
 """
@@ -51,12 +56,14 @@ from benchmarks.time_breakdown import (  # noqa: E402
     FLOOR_FILTERS,
     conv4_iteration,
     convolution_gflop,
+    onednn_milliseconds,
 )
 from metalearn import FOMAML, MAML, Reptile  # noqa: E402
 from metalearn.models import Conv4  # noqa: E402
 
 CASES = (("maml", 1), ("maml", 5), ("fomaml", 5), ("reptile", 5))
 INNER_LR = 0.4
+PRIMITIVES = ("convolution", "reorder")  # the oneDNN primitive kinds a convolution runs
 
 
 def l2l_step(model, batch, algo, steps):
@@ -137,16 +144,27 @@ def main() -> None:
             t_ours, t_theirs = medians["ours"], medians["theirs"]
             conv_gflop = convolution_gflop(run_ours)
             ceiling = medians["floor"] + conv_gflop / peak
+            onednn = {} if torch.cuda.is_available() else {
+                "metalearn_onednn_ms": onednn_milliseconds(run_ours),
+                "learn2learn_onednn_ms": onednn_milliseconds(run_theirs)}
             row = {"queries_per_class": queries, "algorithm": algo, "inner_steps": steps,
                    "metalearn_seconds": t_ours, "learn2learn_seconds": t_theirs,
                    "speedup": t_theirs / t_ours, "grad_parity_max_rel": parity,
                    "metalearn_floor_seconds": medians["floor"], "conv_gflop": conv_gflop,
-                   "ceiling_seconds": ceiling, "ceiling_speedup": t_theirs / ceiling}
+                   "ceiling_seconds": ceiling, "ceiling_speedup": t_theirs / ceiling,
+                   "goal_seconds": t_theirs / 3,
+                   "conv_only_speedup": t_theirs / (conv_gflop / peak), **onednn}
             rows.append(row)
             print(f"({'a' if queries == 1 else 'b'}) {queries:2d} q/class {algo:7s} k={steps}  "
                   f"metalearn {t_ours:.3f}s  learn2learn {t_theirs:.3f}s  "
                   f"x{row['speedup']:.2f} (ceiling x{row['ceiling_speedup']:.2f})  "
                   f"parity {parity:.1e}", flush=True)
+            if onednn:
+                ml, theirs_ms = (sum(onednn[k].get(kind, 0.0) for kind in PRIMITIVES) / 1e3
+                                 for k in ("metalearn_onednn_ms", "learn2learn_onednn_ms"))
+                print(f"    3x needs <= {t_theirs / 3:.3f}s; oneDNN convolutions + reorders "
+                      f"take metalearn {ml:.3f}s, learn2learn {theirs_ms:.3f}s; FLOPs alone "
+                      f"at the peak x{row['conv_only_speedup']:.2f}", flush=True)
     h.update(wall_seconds=time.perf_counter() - t_start, learn2learn=l2l.__version__,
              conv_peak_gflops=peak, floor_filters=FLOOR_FILTERS,
              threads=torch.get_num_threads(), meta_batch=args.meta_batch, repeats=args.repeats)
