@@ -139,6 +139,8 @@ def test_saved_memory_is_nearly_flat_in_inner_steps():
     (normal_ten,) = saved_bytes(False, (10,))
     # Per inner step only the fast weights of each task remain (here 2 x 7.7 KB), against
     # the activations of every step in the normal mode.
+    fast_weights = 2 * sum(p.numel() * p.element_size() for p in small_conv4().parameters())
+    assert ten - one <= 9 * fast_weights, (one, ten, fast_weights)
     assert ten <= 2 * one, (one, ten)
     assert ten < normal_ten, (ten, normal_ten)
     assert ten - one < (normal_ten - one) / 4
