@@ -15,6 +15,9 @@ those run task by task, metalearn/algorithms/task_convolution.py):
   ``vmap`` the per-task convolutions and their double backward become batched matmuls;
 * ``channels_last``: the model's weights (and the images) in ``torch.channels_last``
   memory format, so that the convolutions' activations are channels-last too;
+* ``inplace_relu``: every ``nn.ReLU`` in place, on the norm layer's output: the
+  allocation and memory pass that fusing ReLU into BatchNorm could save in eager torch
+  (ATen has no fused CPU kernel for the two);
 * ``one_thread``: ``torch.set_num_threads(1)`` instead of the default;
 * ``compile``: ``torch.compile`` of ``MAML.meta_loss`` (MAML 1 step at (a) only: its compile
   time is reported separately, with the number of iterations after which it pays off).
@@ -102,6 +105,18 @@ def channels_last(model: nn.Module, batch):
 
 
 @contextlib.contextmanager
+def inplace_relu(model: nn.Module):
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU) and not m.inplace]
+    for m in relus:
+        m.inplace = True
+    try:
+        yield
+    finally:
+        for m in relus:
+            m.inplace = False
+
+
+@contextlib.contextmanager
 def threads(n: int):
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -148,6 +163,7 @@ def main() -> None:
                           "unfold_matmul": lambda model=model: conv_as_matmul(model),
                           "channels_last": lambda model=model, batch=batch: channels_last(
                               model, batch),
+                          "inplace_relu": lambda model=model: inplace_relu(model),
                           "one_thread": lambda: threads(1)}
             row = {"queries_per_class": queries, "algorithm": algo, "inner_steps": steps,
                    "flops": flops}
