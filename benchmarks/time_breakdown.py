@@ -148,6 +148,12 @@ def onednn_milliseconds(run) -> dict[str, float]:
     return dict(totals)
 
 
+def bound_seconds(floor_seconds: float, conv_gflop: float, conv_peak: float) -> float:
+    """The floor plus the convolutions' FLOPs at ``conv_peak`` GFLOP/s: the fastest this
+    design's calls could run if all else were free (the module docstring's bound)."""
+    return floor_seconds + conv_gflop / conv_peak
+
+
 def convolution_gflop(run, iterations: int = 1) -> float:
     """GFLOP of convolution per call of ``run()``, counted by :class:`KernelTimer`."""
     timer = KernelTimer()
@@ -189,7 +195,7 @@ def breakdown(algorithm: str, steps: int, batch, repeats: int, timed: int, peak:
         "onednn_milliseconds": onednn,
         "floor_seconds": medians["floor"],
         "conv_seconds_at_conv_peak": conv_gflop / conv_peak,
-        "bound_seconds": medians["floor"] + conv_gflop / conv_peak,
+        "bound_seconds": bound_seconds(medians["floor"], conv_gflop, conv_peak),
     }
 
 
