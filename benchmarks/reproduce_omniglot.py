@@ -1,0 +1,283 @@
+"""The papers' full schedules on Omniglot 5-way 1-shot: MAML, FOMAML and Reptile, resumable.
+
+    git worktree add ../wt-repro <commit>          # the code the run is pinned to
+    cd ../wt-repro && nohup python benchmarks/reproduce_omniglot.py maml > /tmp/maml.out 2>&1 &
+    python benchmarks/reproduce_omniglot.py maml --status      # from any checkout
+
+Each run takes hours on a 2-core CPU, longer than a working session, so it is built to be
+killed and started again: the first start records the commit it runs (``<stem>.run.json``),
+every later start must run that same commit (from a worktree pinned to it) and resumes from
+the latest checkpoint, which ``train`` writes atomically at every validation. Files go to
+``benchmarks/results/reproductions/`` of the repository's main working tree (also when run
+from a worktree), named after the algorithm and the task (``maml_omniglot_5w1s``):
+
+- ``<stem>.pt``: the latest state (resume), ``<stem>.best.pt``: the best validation model,
+  loadable by ``Conv4(5).load_state_dict(torch.load(path)["model"])``;
+- ``<stem>.jsonl``: the training log (train loss every 50 iterations, validation every 500);
+- ``<stem>.cpu.jsonl``: once a minute, how many cores this process and all others used,
+  so that the result can say which share of its wall-clock shared the CPU;
+- ``<stem>.json``: at the end, the test evaluation of the best checkpoint on 600 fixed test
+  tasks (seed 12345, one query per class, accuracy and 95% CI after each step 0..10;
+  Reptile 0..50, with and without transduction), the validation curve against cumulative
+  wall-clock, and where the time went.
+
+Settings: MAML and FOMAML as Finn et al. 2017 (meta-batch 32, one inner SGD step at 0.4,
+Adam 1e-3, one query per class, 60,000 iterations); Reptile as Nichol et al. 2018's code
+(meta-batch 5, 5 inner Adam steps at 1e-3 with beta1 = 0 on batches of 10, 10 train shots,
+meta step 1 -> 0 over 100,000 iterations, 50 test steps on batches of 5). Validation: 500
+fixed tasks from the validation characters every 500 (Reptile: 1,000) iterations, scored
+after 3 inner steps (Reptile: 50).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import header  # noqa: E402
+from metalearn.checkpoint import atomic_write, load_checkpoint  # noqa: E402
+
+TASK = "omniglot_5w1s"
+TEST_TASKS, TEST_SEED = 600, 12345
+COMMON = dict(dataset="omniglot", ways=5, seed=0, val_tasks=500, eval_shots=1, eval_queries=1)
+RUNS = {
+    "maml": dict(COMMON, algorithm="maml", shots=1, queries=1, iterations=60_000,
+                 val_every=500, eval_steps=3),
+    "fomaml": dict(COMMON, algorithm="fomaml", shots=1, queries=1, iterations=60_000,
+                   val_every=500, eval_steps=3),
+    "reptile": dict(COMMON, algorithm="reptile", iterations=100_000, val_every=1000),
+}
+TEST_STEPS = {"maml": 10, "fomaml": 10, "reptile": 50}
+# A minute in which other processes used more than this many cores counts as shared.
+SHARED_CORES = 0.25
+
+
+def repository(path: Path) -> tuple[Path, str, bool]:
+    """(the main working tree, HEAD's commit, whether the library and scripts are unedited)
+    of the git checkout holding ``path``."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=path, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    common = Path(git("rev-parse", "--path-format=absolute", "--git-common-dir"))
+    clean = not git("status", "--porcelain", "--", ":(top)metalearn", ":(top)benchmarks/*.py")
+    return common.parent, git("rev-parse", "HEAD"), clean
+
+
+def cumulative_seconds(records: list[dict]) -> list[float | None]:
+    """Each record's wall-clock since the run began, across restarts.
+
+    ``train`` logs the seconds since its own process started; a resumed process starts
+    again from 0 at the checkpoint's iteration, after the log was cut back to it. So the
+    time a restart adds is the last train record's seconds before the clock went back.
+    """
+    out, offset, last = [], 0.0, 0.0
+    for r in records:
+        s = r.get("seconds")
+        if s is None:  # validation records: the time of the train record before them
+            out.append(offset + last)
+            continue
+        if s < last:
+            offset += last
+        last = s
+        out.append(offset + s)
+    return out
+
+
+class CpuMonitor(threading.Thread):
+    """Once a minute, append how many cores this process and all others used (Linux)."""
+
+    def __init__(self, path: Path, period: float = 60.0):
+        super().__init__(daemon=True)
+        self.path, self.period = path, period
+        self.ticks = os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _busy() -> int:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+    @staticmethod
+    def _own() -> int:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime, all threads
+
+    def run(self) -> None:
+        if not Path("/proc/stat").exists():
+            return
+        busy, own, t = self._busy(), self._own(), time.monotonic()
+        while True:
+            time.sleep(self.period)
+            busy2, own2, t2 = self._busy(), self._own(), time.monotonic()
+            elapsed = t2 - t
+            own_cores = (own2 - own) / self.ticks / elapsed
+            other = max((busy2 - busy) / self.ticks / elapsed - own_cores, 0.0)
+            record = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "seconds": round(elapsed, 1), "own_cores": round(own_cores, 3),
+                      "other_cores": round(other, 3)}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            busy, own, t = busy2, own2, t2
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a last line cut short by a kill
+            continue
+    return rows
+
+
+def shared_share(cpu: list[dict]) -> float | None:
+    """The share of the monitored wall-clock in which other processes used the CPU."""
+    total = sum(r["seconds"] for r in cpu)
+    if not total:
+        return None
+    return sum(r["seconds"] for r in cpu if r["other_cores"] > SHARED_CORES) / total
+
+
+def status(stem: Path) -> str:
+    log = read_jsonl(stem.with_suffix(".jsonl"))
+    if not log:
+        return f"{stem.name}: not started"
+    times = cumulative_seconds(log)
+    val = [(r, t) for r, t in zip(log, times) if r["split"] == "val"]
+    last_train = [r for r in log if r["split"] == "train"][-1]
+    total = RUNS[stem.name.split("_")[0]]["iterations"]
+    it = last_train["iteration"]
+    line = (f"{stem.name}: iteration {it} of {total} ({100 * it / total:.1f}%), "
+            f"{times[-1] / 3600:.2f} h of wall-clock")
+    if val:
+        best = max(val, key=lambda v: v[0]["accuracy"])[0]
+        line += (f"; validation {100 * val[-1][0]['accuracy']:.2f}% "
+                 f"(best {100 * best['accuracy']:.2f}% at {best['iteration']})")
+    share = shared_share(read_jsonl(stem.with_suffix(".cpu.jsonl")))
+    if share is not None:
+        line += f"; CPU shared {100 * share:.0f}% of the time"
+    if stem.with_suffix(".json").exists():
+        line += "; finished, evaluated"
+    return line
+
+
+def pin(run_file: Path, algorithm: str, commit: str, clean: bool) -> dict:
+    """The run record: created on the first start, checked on every later one."""
+    if run_file.exists():
+        run = json.loads(run_file.read_text())
+        if run["commit"] != commit:
+            sys.exit(f"error: {run_file.name} pins this run to {run['commit']}, but this "
+                     f"checkout is at {commit}. Resume it from a worktree at that commit:\n"
+                     f"  git worktree add ../wt-{run['commit'][:7]} {run['commit']}")
+    else:
+        run = {"algorithm": algorithm, "task": TASK, "commit": commit,
+               "settings": RUNS[algorithm], "segments": []}
+    if not clean:
+        sys.exit("error: metalearn/ or benchmarks/ has uncommitted edits, so the code that "
+                 "runs is not the pinned commit; run from a clean worktree")
+    return run
+
+
+def evaluate_best(stem: Path, algorithm: str) -> dict:
+    """The best checkpoint's accuracy after 0..K steps on the fixed test tasks."""
+    import torch
+
+    from metalearn.config import TrainConfig, build_learner, build_model, build_sampler
+    from metalearn.evaluation import evaluate
+
+    best = load_checkpoint(stem.with_suffix(".best.pt"))
+    cfg = TrainConfig.from_dict(best["config"])
+    model = build_model(cfg)
+    model.load_state_dict(best["model"])
+    learner = build_learner(cfg, model, evaluation=True)
+    if best.get("learner"):
+        learner.load_state_dict(best["learner"])
+    torch.manual_seed(TEST_SEED)  # Reptile's inner mini-batches at test
+    tasks = build_sampler(cfg, "test", seed=TEST_SEED, evaluation=True).sample(TEST_TASKS)
+    out = {}
+    for transductive in ((True, False) if algorithm == "reptile" else (True,)):
+        ev = evaluate(learner, tasks, max_steps=TEST_STEPS[algorithm],
+                      transductive=transductive, batch_size=25 if transductive else 5,
+                      progress=False)
+        key = "transductive" if transductive else "non_transductive"
+        out[key] = {"steps": ev.steps, "accuracy": ev.mean, "ci95": ev.ci95}
+    return {"best_validation": best["best"], **out}
+
+
+def summary(stem: Path, run: dict) -> dict:
+    log = read_jsonl(stem.with_suffix(".jsonl"))
+    times = cumulative_seconds(log)
+    curve = [{"iteration": r["iteration"], "seconds": round(t, 1), "accuracy": r["accuracy"],
+              "ci95": r["ci95"]} for r, t in zip(log, times) if r["split"] == "val"]
+    cpu = read_jsonl(stem.with_suffix(".cpu.jsonl"))
+    iterations = run["settings"]["iterations"]
+    return {"wall_seconds": times[-1], "seconds_per_iteration": times[-1] / iterations,
+            "restarts": len(run["segments"]) - 1,
+            "cpu_shared_share": shared_share(cpu),
+            "cpu_shared_rule": f"minutes in which other processes used > {SHARED_CORES} "
+                               "cores, over the minutes monitored",
+            "validation_curve": curve}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("algorithm", choices=sorted(RUNS))
+    parser.add_argument("--status", action="store_true", help="print progress and exit")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="folder of the run's files (default: benchmarks/results/"
+                             "reproductions of the main working tree)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few iterations and test tasks, to check the script (needs "
+                             "--results)")
+    args = parser.parse_args()
+    if args.smoke:
+        if args.results is None:
+            parser.error("--smoke needs --results, so that it cannot touch the real runs")
+        global TEST_TASKS
+        TEST_TASKS = 25
+        RUNS[args.algorithm].update(iterations=20, val_every=10, val_tasks=20)
+    main_tree, commit, clean = repository(Path(__file__).resolve().parent)
+    folder = args.results or main_tree / "benchmarks" / "results" / "reproductions"
+    stem = folder / f"{args.algorithm}_{TASK}"
+    if args.status:
+        print(status(stem))
+        return
+    run_file = stem.with_suffix(".run.json")
+    run = pin(run_file, args.algorithm, commit, clean)
+    ckpt = stem.with_suffix(".pt")
+    start = load_checkpoint(ckpt)["iteration"] if ckpt.exists() else 0
+    run["segments"].append({"start_iteration": start,
+                            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_file, lambda f: f.write(json.dumps(run, indent=2).encode()))
+
+    import metalearn
+    from metalearn.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # as the metalearn command does
+    CpuMonitor(stem.with_suffix(".cpu.jsonl")).start()
+    settings = RUNS[args.algorithm]
+    if start < settings["iterations"]:
+        print(f"{stem.name}: iterations {start + 1}..{settings['iterations']} at "
+              f"{commit[:7]}", flush=True)
+        metalearn.train(checkpoint=ckpt, resume=ckpt.exists(), progress=False, **settings)
+    result = {"header": {**header(seed=settings["seed"]), "commit": commit},
+              "run": run, **summary(stem, run), "test": evaluate_best(stem, args.algorithm)}
+    atomic_write(stem.with_suffix(".json"),
+                 lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(status(stem), flush=True)
+
+
+if __name__ == "__main__":
+    main()
