@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from metalearn.bench import run_header
 from metalearn.checkpoint import atomic_write
+from metalearn.run_record import run_header
 
 RESULTS = Path(__file__).parent / "results"
 # Beside a checkout of this project, ../shared/data holds the Omniglot zips (as in CI).

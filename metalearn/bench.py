@@ -4,46 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from metalearn.allocator import reusing_freed_memory
 from metalearn.checkpoint import atomic_write
 from metalearn.config import PAPER_DEFAULTS, TrainConfig, build_learner, build_sampler
 from metalearn.evaluation import evaluate
 from metalearn.memory import memory_profile
+from metalearn.run_record import run_header
 from metalearn.training import train
 
 SHORT_ITERATIONS = {"sine": 1000, "omniglot": 300}
 TEST_SEED = 12345
-
-
-def run_header(argv: list[str] | None = None) -> dict:
-    """Where a result came from: command, commit, machine and versions."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "command": " ".join(["metalearn", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": commit,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        # Changes the speed of the same code (metalearn.allocator).
-        "malloc_reuse": reusing_freed_memory(),
-    }
 
 
 def _iterations(args, cfg: TrainConfig) -> int:

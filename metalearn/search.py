@@ -249,7 +249,7 @@ def _trial_name(point: dict, seed: int, config_key: str) -> str:
 
 
 def _header(base: TrainConfig, space: dict, trials: int | None, seeds: list[int]) -> dict:
-    from metalearn.bench import run_header
+    from metalearn.run_record import run_header
 
     return {**run_header(), "base": base.to_dict(), "space": space, "trials": trials,
             "seeds": seeds}
