@@ -180,6 +180,9 @@ class TrainConfig:
     def _check_variants(self) -> None:
         if not isinstance(self.memory_saving, (bool, type(None))):
             raise ValueError(f"memory_saving must be a bool, got {self.memory_saving!r}")
+        if self.algorithm == "reptile" and self.inner_steps == 0:
+            raise ValueError("inner_steps must be >= 1 for reptile: with none, phi = theta "
+                             "and the update theta + epsilon * (phi - theta) changes nothing")
         if self.memory_saving and self.algorithm != "maml":
             raise ValueError(f"memory_saving applies to algorithm='maml' only (second-order "
                              f"MAML's inner graph), not to {self.algorithm!r}")
@@ -227,7 +230,7 @@ def build_learner(cfg: TrainConfig, model: nn.Module, evaluation: bool = False,
                        inner_optimizer=cfg.inner_optimizer, **common)
     variant = _build_variant(cfg, model, dict(common, outer_flood=cfg.outer_flood))
     if variant is not None:
-        if share is not None and hasattr(share, "learned"):
+        if share is not None:
             if share.model is not model:
                 raise ValueError("share= must be a learner of the same model")
             variant.learned = share.learned

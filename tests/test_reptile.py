@@ -86,3 +86,22 @@ def test_replacement_batches_have_no_repeats_inside_but_overlap_across():
 def test_inner_batch_larger_than_support_is_rejected():
     with pytest.raises(ValueError, match="inner_batch=20 exceeds the 10 support"):
         Reptile(MLP(), 0.01, 2, inner_batch=20).step(SineTasks(shots=10).sample(2))
+
+
+def test_zero_inner_steps_is_refused_with_the_reason(capsys):
+    # phi = theta: the Reptile update would change nothing, silently. MAML with zero steps
+    # stays legal (joint training).
+    from metalearn import MAML
+    from metalearn.cli import main
+    from metalearn.config import TrainConfig
+
+    with pytest.raises(ValueError, match="inner_steps must be >= 1 for Reptile"):
+        Reptile(MLP(), 0.1, 0)
+    with pytest.raises(ValueError, match="inner_steps must be >= 1 for reptile"):
+        TrainConfig(algorithm="reptile", inner_steps=0).resolved()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--algorithm", "reptile", "--inner-steps", "0"])
+    assert exit_info.value.code == 2
+    assert "usage: metalearn train" in capsys.readouterr().err
+    assert MAML(MLP(), 0.1, 0).inner_steps == 0
+    assert TrainConfig(algorithm="maml", inner_steps=0).resolved().inner_steps == 0
