@@ -2,7 +2,7 @@
 
     python benchmarks/batchnorm_backward.py [--repeats 5] [--queries 1,15]
 
-All three give exact meta-gradients (see metalearn/algorithms/norm_layers.py):
+All three give exact meta-gradients (see metalearn/kernels/norm_layers.py):
 
 - "library": what the learners do. An autograd.Function whose backward is the native
   formula in differentiable ops (the native double backward is wrong under vmap) and
@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import metalearn.algorithms.norm_layers as norm_layers  # noqa: E402
+import metalearn.kernels.norm_layers as norm_layers  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     header,
     omniglot_5w1s_batch,
@@ -53,19 +53,6 @@ def _chain_batch_norm(module, x):
     return x * scale + (module.bias.view(shape) - mean * scale)
 
 
-class _Never:
-    """Stands in for the library's "differentiated at most once" flag: never set."""
-
-    def get(self) -> bool:
-        return False
-
-    def set(self, value: bool) -> None:
-        return None
-
-    def reset(self, token: None) -> None:
-        pass
-
-
 def _written_out_task_batch_norm(x, weight, w_dim, bias, b_dim, eps):
     dims = [0, *range(2, x.ndim - 1)]  # per task
     out, mean, rstd = norm_layers._task_normalize_written_out(
@@ -75,13 +62,14 @@ def _written_out_task_batch_norm(x, weight, w_dim, bias, b_dim, eps):
 
 @contextlib.contextmanager
 def written_out():
-    originals = norm_layers._AT_MOST_ONCE, norm_layers._task_batch_norm
-    norm_layers._AT_MOST_ONCE = _Never()
+    # Never the native kernels, and the written-out forward over all tasks.
+    originals = norm_layers.native_kernels, norm_layers._task_batch_norm
+    norm_layers.native_kernels = lambda: False
     norm_layers._task_batch_norm = _written_out_task_batch_norm
     try:
         yield
     finally:
-        norm_layers._AT_MOST_ONCE, norm_layers._task_batch_norm = originals
+        norm_layers.native_kernels, norm_layers._task_batch_norm = originals
 
 
 @contextlib.contextmanager

@@ -75,7 +75,7 @@ def main() -> None:
         tasks = build_sampler(cfg, "test", seed=12345, evaluation=True).sample(args.tasks)
         learner = build_learner(cfg, res.model, evaluation=True)
         if best.get("learner"):  # Meta-SGD's / MAML++'s learned rates at the best iteration
-            learner.load_state_dict(best["learner"])
+            learner.learned.load_state_dict(best["learner"])
         row = {"algorithm": algo, "ways": args.ways, "shots": args.shots,
                "iterations": iterations, "best_val": best["best"],
                "train_seconds": seconds, "seconds_per_iteration": seconds / iterations,

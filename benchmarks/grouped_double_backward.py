@@ -5,10 +5,10 @@
 Under ``vmap`` a convolution with per-task weights becomes one grouped convolution. torch's
 double backward of a grouped convolution computes its weight term group by group (one
 small convolution per task and a ``cat``), and MAML's outer backward takes it through
-every inner step after the first. ``metalearn/algorithms/task_convolution.py`` therefore
+every inner step after the first. ``metalearn/kernels/task_convolution.py`` therefore
 merges the tasks into groups itself where a graph may be differentiated twice, recording
 Functions whose written-out double backward is one grouped convolution per term
-(``TASKS_AS_GROUPS = True``, the default). This times that against ``False`` (the
+(``KernelSettings.tasks_as_groups``, on by default). This times that against ``False`` (the
 previous default, vmap's own rule), taking turns round by round, on Omniglot 5-way 1-shot,
 Conv4, meta-batch 32, at (a) 1 and (b) 15 queries per class, with the meta-gradients
 compared. Run it on an idle machine. Writes benchmarks/results/grouped_double_backward.json.
@@ -31,7 +31,7 @@ from benchmarks.common import (  # noqa: E402
     seeded_conv4_learner,
     write_json,
 )
-from metalearn.algorithms import task_convolution  # noqa: E402
+from metalearn.kernels import kernel_settings  # noqa: E402
 
 CASES = (("maml", 1), ("maml", 5), ("fomaml", 5), ("reptile", 5))
 
@@ -49,9 +49,9 @@ def main() -> None:
 
             def run(as_groups: bool, model=model, learner=learner, batch=batch):
                 def step():
-                    task_convolution.TASKS_AS_GROUPS = as_groups
                     model.zero_grad(set_to_none=True)
-                    learner.step(batch)
+                    with kernel_settings(tasks_as_groups=as_groups):
+                        learner.step(batch)
                 return step
 
             grads = {}
@@ -62,7 +62,6 @@ def main() -> None:
             diff /= max(b.abs().max().item() for b in grads[False])
             t = interleaved_medians({"groups": run(True), "vmap_rule": run(False)},
                                     args.repeats)
-            task_convolution.TASKS_AS_GROUPS = True
             row = {"queries_per_class": queries, "algorithm": algo, "inner_steps": steps,
                    "groups_seconds": t["groups"], "vmap_rule_seconds": t["vmap_rule"],
                    "speedup": t["vmap_rule"] / t["groups"], "grad_max_rel_diff": diff}

@@ -202,7 +202,7 @@ def evaluate_best(stem: Path, algorithm: str) -> dict:
     model.load_state_dict(best["model"])
     learner = build_learner(cfg, model, evaluation=True)
     if best.get("learner"):
-        learner.load_state_dict(best["learner"])
+        learner.learned.load_state_dict(best["learner"])
     torch.manual_seed(TEST_SEED)  # Reptile's inner mini-batches at test
     tasks = build_sampler(cfg, "test", seed=TEST_SEED, evaluation=True).sample(TEST_TASKS)
     out = {}

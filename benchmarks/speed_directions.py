@@ -6,8 +6,8 @@ Omniglot 5-way 1-shot, Conv4, meta-batch 32, at (a) 1 and (b) 15 queries per cla
 MAML with 1 and 5 inner steps and FOMAML with 5. In one run, side by side on the same
 weights and batch, each direction is timed against the library's default path, taking
 turns round by round (``vmap`` over tasks, which turns per-task convolutions into
-grouped ones, except where a task's batch has at least ``PER_TASK_MIN_BATCH`` images:
-those run task by task, metalearn/algorithms/task_convolution.py):
+grouped ones, except where a task's batch has at least ``KernelSettings.per_task_min_batch`` images:
+those run task by task, metalearn/kernels/task_convolution.py):
 
 * ``grouped_convolutions``: every convolution grouped by ``vmap``, whatever its batch (the
   default before the per-task convolutions);
@@ -57,8 +57,8 @@ from benchmarks.common import (  # noqa: E402
     seeded_conv4_learner,
     write_json,
 )
-from metalearn.algorithms import task_convolution  # noqa: E402
-from metalearn.algorithms.layer_swap import swapped_forwards  # noqa: E402
+from metalearn.kernels import kernel_settings  # noqa: E402
+from metalearn.kernels.layer_swap import swapped_forwards  # noqa: E402
 from tests.reference import maml_loop  # noqa: E402
 
 CASES = (("maml", 1), ("maml", 5), ("fomaml", 5))
@@ -79,14 +79,8 @@ def conv_as_matmul(model: nn.Module):
         model, lambda m: _conv_as_matmul if isinstance(m, nn.Conv2d) else None)
 
 
-@contextlib.contextmanager
 def grouped_convolutions():
-    before = task_convolution.PER_TASK_MIN_BATCH
-    task_convolution.PER_TASK_MIN_BATCH = sys.maxsize
-    try:
-        yield
-    finally:
-        task_convolution.PER_TASK_MIN_BATCH = before
+    return kernel_settings(per_task_min_batch=sys.maxsize)
 
 
 @contextlib.contextmanager

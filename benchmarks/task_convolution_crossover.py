@@ -5,8 +5,8 @@
 Forward and backward of one convolution for 32 tasks with per-task weights, for Conv4's
 four layer shapes (3x3, stride 2, padding 1) and per-task batches of 5 to 75 images:
 ``vmap`` over ``F.conv2d`` (grouped convolutions) against the per-task rule of
-metalearn/algorithms/task_convolution.py, taking turns round by round. The library's
-``PER_TASK_MIN_BATCH`` is chosen from this. Run it on an idle machine. Writes
+metalearn/kernels/task_convolution.py, taking turns round by round. The library's
+``KernelSettings.per_task_min_batch`` is chosen from this. Run it on an idle machine. Writes
 benchmarks/results/task_convolution_crossover.json.
 """
 
@@ -24,7 +24,8 @@ from torch.func import vmap
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import header, interleaved_medians, write_json  # noqa: E402
-from metalearn.algorithms.task_convolution import PER_TASK_MIN_BATCH, _Conv2d  # noqa: E402
+from metalearn.kernels import current_settings  # noqa: E402
+from metalearn.kernels.task_convolution import _Conv2d  # noqa: E402
 
 TASKS = 32
 LAYERS = ((1, 28), (64, 14), (64, 7), (64, 4))  # (input channels, input size) of Conv4
@@ -62,7 +63,8 @@ def main() -> None:
               f"(x{total['grouped'] / total['per_task']:.2f})", flush=True)
     h = header(seed=0)
     h.update(wall_seconds=time.perf_counter() - t_start, tasks=TASKS, repeats=args.repeats,
-             threads=torch.get_num_threads(), per_task_min_batch=PER_TASK_MIN_BATCH)
+             threads=torch.get_num_threads(),
+             per_task_min_batch=current_settings().per_task_min_batch)
     print(f"wrote {write_json('task_convolution_crossover.json', {'header': h, 'rows': rows})}")
 
 

@@ -288,9 +288,9 @@ def _eval(args) -> int:
                               f"{str(err).splitlines()[0]}") from None
     model.to(args.device)
     learner = build_learner(cfg, model, evaluation=True)
-    if "learner" in state and hasattr(learner, "load_state_dict"):
+    if "learner" in state:
         try:  # Meta-SGD's / MAML++'s learned inner learning rates (and BN rows)
-            learner.load_state_dict(state["learner"])
+            learner.learned.load_state_dict(state["learner"])
         except RuntimeError as err:
             raise CheckpointError(f"{args.checkpoint} holds learner state that does not fit: "
                                   f"{str(err).splitlines()[0]}") from None

@@ -10,7 +10,6 @@ import torch
 from torch.func import vmap
 from tqdm.auto import tqdm
 
-from metalearn.algorithms.norm_layers import differentiated_at_most_once
 from metalearn.data.task_batch import TaskBatch
 
 
@@ -102,8 +101,7 @@ def _predict_each_query_alone(learner: Any, fast: dict, support_x: torch.Tensor,
     """
 
     def one_query(f: dict, sx: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        with differentiated_at_most_once():
-            return learner.fmodel(f, torch.cat([sx, q.unsqueeze(0)]))[-1]
+        return learner.fmodel(f, torch.cat([sx, q.unsqueeze(0)]), order=0)[-1]
 
     over_queries = vmap(one_query, in_dims=(None, None, 0), randomness="different")
     return vmap(over_queries, randomness="different")(fast, support_x, query_x)

@@ -204,7 +204,7 @@ def memory_profile(
     name = type(learner).__name__.lower()
     old_grads = [p.grad for p in params]
     old_steps = learner.inner_steps
-    generator = getattr(learner, "generator", None)
+    generator = learner.generator
     generator_state = generator.get_state() if isinstance(generator, torch.Generator) else None
 
     def iteration() -> None:

@@ -75,12 +75,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def _meta_parameters(learner: MetaLearner) -> dict[str, nn.Parameter]:
-    """What the outer optimiser updates: the model, plus learned inner-loop state if any
-    (Meta-SGD's and MAML++'s learning rates)."""
-    named = {n: p for n, p in learner.model.named_parameters() if p.requires_grad}
-    if hasattr(learner, "learned"):
-        named.update({f"learned.{n}": p for n, p in learner.learned.named_parameters()})
-    return named
+    """What the outer optimiser updates: the model's trainable parameters, then the learned
+    inner-loop state's (Meta-SGD's and MAML++'s learning rates), in that order."""
+    return {n.removeprefix("model."): p for n, p in learner.named_parameters()
+            if p.requires_grad}
 
 
 def _check_finite(it: int, metrics: dict, params: dict[str, nn.Parameter]) -> None:
@@ -96,7 +94,8 @@ def _check_finite(it: int, metrics: dict, params: dict[str, nn.Parameter]) -> No
 
 
 def _learner_state(learner: MetaLearner) -> dict:
-    return learner.state_dict() if hasattr(learner, "learned") else {}
+    """The learned inner-loop state (empty for MAML); the model is saved on its own."""
+    return learner.learned.state_dict()
 
 
 def _config_mismatch(saved: dict, current: dict) -> list[str]:
@@ -157,8 +156,7 @@ def train(
     learner = build_learner(cfg, model)
     # Reptile's mini-batch draws get their own stream, so validation cannot shift them.
     learner_rng = torch.Generator().manual_seed(cfg.seed + 17)
-    if hasattr(learner, "generator"):
-        learner.generator = learner_rng
+    learner.generator = learner_rng
     # The evaluation learner shares any learned inner-loop state with the training one.
     eval_learner = build_learner(cfg, model, evaluation=True, share=learner)
     meta_params = _meta_parameters(learner)
@@ -188,8 +186,7 @@ def train(
                                   + "\n  ".join(mismatch))
         try:
             model.load_state_dict(state["model"])
-            if hasattr(learner, "learned"):
-                learner.load_state_dict(state["learner"])
+            learner.learned.load_state_dict(state["learner"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
             sampler.load_state_dict(state["sampler"])
@@ -227,8 +224,7 @@ def train(
 
     offset, count = ctx.shard(cfg.meta_batch)
     weight = count / cfg.meta_batch
-    if hasattr(learner, "shard") and ctx.world_size > 1:
-        learner.shard = (offset, cfg.meta_batch)
+    shard = (offset, cfg.meta_batch) if ctx.world_size > 1 else None
     bar = tqdm(total=cfg.iterations, initial=start, disable=not (progress and ctx.is_main),
                dynamic_ncols=True,
                desc=f"{cfg.algorithm} {cfg.dataset}")
@@ -239,7 +235,7 @@ def train(
         for it in range(start + 1, cfg.iterations + 1):
             optimizer.zero_grad(set_to_none=True)
             batch = sampler.sample(cfg.meta_batch)[offset: offset + count]
-            metrics = learner.step(batch.to(device))
+            metrics = learner.step(batch.to(device), shard=shard)
             ctx.reduce_gradients(meta_params.values(), weight)
             metrics = ctx.reduce_metrics(metrics, weight)
             _check_finite(it, metrics, meta_params)

@@ -104,8 +104,11 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
 def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     ckpt = tmp_path / "int.pt"
+    # A shell's background job (nohup ... &) starts with SIGINT ignored, and Python keeps an
+    # ignored SIGINT: give the child the default disposition, as a terminal's would have.
     proc = subprocess.Popen([sys.executable, "-m", "metalearn", *TRAIN, "--checkpoint",
-                             str(ckpt)], env=ENV, stderr=subprocess.PIPE, text=True)
+                             str(ckpt)], env=ENV, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_checkpoint(ckpt, 10, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

@@ -164,8 +164,7 @@ def test_shard_slices_the_meta_batch_draws():
     model.zero_grad(set_to_none=True)
     for offset in (0, 2):
         part = make()
-        part.shard = (offset, 4)
-        part.step(batch[offset: offset + 2])
+        part.step(batch[offset: offset + 2], shard=(offset, 4))
     for name, g in grads_of(model).items():
         torch.testing.assert_close(g / 2, whole[name], rtol=1e-10, atol=1e-12)
 

@@ -75,7 +75,7 @@ def test_same_meta_gradient_as_normal_mode_on_sine_mlp(steps, flood, precision):
 def test_same_meta_gradient_as_normal_mode_on_conv4_with_batchnorm(steps, flood, precision):
     dtype, tol = getattr(torch, precision), TOLERANCE[precision]
     # BatchNorm's double backward under vmap is where torch 2.13 goes wrong (see
-    # functional_model.py); the recomputation must take the same safe path.
+    # metalearn/kernels); the recomputation must take the same safe path.
     torch.manual_seed(0)
     batch = image_batch(tasks=3, dtype=dtype)
     assert_same_meta_gradient(small_conv4(dtype), batch, 0.4, steps, tol, **FLOODS[flood])
@@ -180,7 +180,7 @@ def test_first_order_is_rejected_with_a_reason():
 ])
 def test_unsupported_subclasses_raise(make):
     learner = make()
-    with pytest.raises(NotImplementedError, match=f"{type(learner).__name__} overrides"):
+    with pytest.raises(NotImplementedError, match=f"not for {type(learner).__name__}"):
         learner.memory_saving = True
     assert learner.memory_saving is False
 

@@ -2,7 +2,7 @@
 
 In torch 2.13 the second derivative of the native affine batch, instance and layer norms
 under ``vmap`` is wrong (about 1e-2 relative in float64 for these models); the learners
-compute them in metalearn/algorithms/norm_layers.py instead. The reference is the plain
+compute them in metalearn/kernels/norm_layers.py instead. The reference is the plain
 per-task loop over the native layers, in float64, so a wrong double backward shows up as
 an error far above round-off.
 """
@@ -17,11 +17,10 @@ from torch import nn
 
 from metalearn import FOMAML, MAML, Reptile
 from metalearn.algorithms.functional_model import FunctionalModel
-from metalearn.algorithms.norm_layers import (
+from metalearn.kernels.norm_layers import (
     _NormalizeBackward,
     _NormalizeWithStatistics,
     batch_statistics,
-    differentiated_at_most_once,
 )
 from metalearn.memory import SavedTensorMeter
 from tests.reference import maml_loop, reptile_loop
@@ -72,7 +71,7 @@ def test_maml_gradient_matches_native_per_task_loop(norm):
 @pytest.mark.parametrize("norm", list(NORMS))
 @pytest.mark.parametrize("algorithm", ["fomaml", "reptile"])
 def test_first_order_gradient_matches_native_per_task_loop(norm, algorithm):
-    # First-order paths run the native kernels (differentiated_at_most_once): their first
+    # First-order paths run the native kernels (forwards of order 0): their first
     # derivatives under vmap must be exact.
     model = small_net(NORMS[norm]())
     batch = float64_batch()
@@ -97,18 +96,18 @@ def _autograd_nodes(out: torch.Tensor) -> set[str]:
     return seen
 
 
-def test_native_kernels_only_inside_differentiated_at_most_once():
+def test_native_kernels_only_for_order_zero():
     model = small_net(nn.BatchNorm2d(8))
     x = float64_batch().support_x[0]
     f = FunctionalModel(model)
     exact = _autograd_nodes(f(f.params(), x))
-    with differentiated_at_most_once():
-        native = _autograd_nodes(f(f.params(), x))
+    assert _autograd_nodes(f(f.params(), x, order=1)) == exact
+    native = _autograd_nodes(f(f.params(), x, order=0))
     assert not any("NativeBatchNorm" in n for n in exact), exact
     assert any("NativeBatchNorm" in n for n in native), native
-    with pytest.raises(RuntimeError), differentiated_at_most_once():
-        raise RuntimeError
-    assert _autograd_nodes(f(f.params(), x)) == exact  # the flag is reset, even on error
+    assert _autograd_nodes(f(f.params(), x)) == exact  # the order applies to its call only
+    with pytest.raises(ValueError, match="order must be 0, 1 or 2"):
+        f(f.params(), x, order=3)
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
@@ -119,8 +118,7 @@ def test_forward_equals_the_native_layer(norm):
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     f = FunctionalModel(model)
     torch.testing.assert_close(f(f.params(), x), expected, rtol=1e-12, atol=1e-12)
-    with differentiated_at_most_once():
-        torch.testing.assert_close(f(f.params(), x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f(f.params(), x, order=0), expected, rtol=1e-12, atol=1e-12)
     for n, b in model.named_buffers():
         torch.testing.assert_close(b, buffers[n], rtol=0, atol=0)
 
@@ -143,8 +141,7 @@ def test_unbatched_instance_norm_input():
     x = torch.randn(3, 7, dtype=torch.float64)  # (C, L): no batch dimension
     f = FunctionalModel(norm)
     torch.testing.assert_close(f(f.params(), x), norm(x))
-    with differentiated_at_most_once():
-        torch.testing.assert_close(f(f.params(), x), norm(x))
+    torch.testing.assert_close(f(f.params(), x, order=0), norm(x))
 
 
 def test_inner_step_keeps_no_more_than_the_native_batch_norm():
@@ -299,9 +296,8 @@ def _stored_as(x: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
 @pytest.mark.parametrize("layout", list(CHANNELS_LAST))
 @pytest.mark.parametrize("tasks", [1, 3])
 @pytest.mark.parametrize("per_task_weights", [False, True])
-@pytest.mark.parametrize("at_most_once", [False, True])
-def test_channels_last_input_is_as_exact_in_float32(layout, tasks, per_task_weights,
-                                                    at_most_once):
+@pytest.mark.parametrize("order", [2, 0])
+def test_channels_last_input_is_as_exact_in_float32(layout, tasks, per_task_weights, order):
     # torch's channels-last CPU batch-norm kernel computes the statistics less exactly in
     # float32 (20-30x the standard layout's error when a channel's mean is far above its
     # spread); the layers must not hand it a channels-last input. Per-task weights take
@@ -318,10 +314,9 @@ def test_channels_last_input_is_as_exact_in_float32(layout, tasks, per_task_weig
         params = {k: p.detach().requires_grad_() for k, p in f.params().items()}
         batched = {k: p.expand(tasks, *p.shape) for k, p in params.items()}
         xd = xd.to(dtype).requires_grad_()
-        with differentiated_at_most_once() if at_most_once else contextlib.nullcontext():
-            y = torch.func.vmap(f, in_dims=(0 if per_task_weights else None, 0))(
-                batched if per_task_weights else params, xd)
-            grads = torch.autograd.grad(y, (xd, params["weight"]), v.to(dtype))
+        y = torch.func.vmap(f, in_dims=(0 if per_task_weights else None, 0, None))(
+            batched if per_task_weights else params, xd, order)
+        grads = torch.autograd.grad(y, (xd, params["weight"]), v.to(dtype))
         return [t.detach().double() for t in (y, *grads)]
 
     reference = outputs(x.clone(), torch.float64)

@@ -1,5 +1,5 @@
 """Convolutions under vmap, task by task or merged into groups
-(metalearn/algorithms/task_convolution.py).
+(metalearn/kernels/task_convolution.py).
 
 The reference is the plain per-task loop over the native layers, in float64; spies on the
 vmap rules and on their choice make sure the path named is the one tested.
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from metalearn import FOMAML, MAML, Reptile
-from metalearn.algorithms import task_convolution
-from metalearn.algorithms.task_convolution import _Conv2d, _Conv2dBackward
 from metalearn.data import TaskBatch
+from metalearn.kernels import current_settings, kernel_settings, task_convolution
+from metalearn.kernels.task_convolution import _Conv2d, _Conv2dBackward
 from tests.reference import maml_loop, reptile_loop
 
 
@@ -67,7 +67,7 @@ def loop_choices(monkeypatch):
 def test_gradient_matches_native_per_task_loop(algorithm, per_task_loop, rule_calls,
                                                loop_choices):
     model = net()
-    tasks = batch(task_convolution.PER_TASK_MIN_BATCH - (0 if per_task_loop else 1))
+    tasks = batch(current_settings().per_task_min_batch - (0 if per_task_loop else 1))
     if algorithm == "reptile":
         Reptile(model, 0.3, 2).step(tasks)
         ref = reptile_loop(model, tasks, 0.3, 2)
@@ -85,14 +85,23 @@ def test_gradient_matches_native_per_task_loop(algorithm, per_task_loop, rule_ca
     assert set(loop_choices) == ({per_task_loop} if rule_calls["conv"] else set())
 
 
-def test_small_batches_can_be_left_to_vmap(rule_calls, monkeypatch):
-    monkeypatch.setattr(task_convolution, "TASKS_AS_GROUPS", False)
+def test_small_batches_can_be_left_to_vmap(rule_calls):
     model = net()
-    MAML(model, 0.3, 1).step(batch(task_convolution.PER_TASK_MIN_BATCH - 1))
+    with kernel_settings(tasks_as_groups=False):
+        MAML(model, 0.3, 1).step(batch(current_settings().per_task_min_batch - 1))
     assert rule_calls == {"conv": 0, "backward": 0}
+    with pytest.raises(TypeError, match="unknown kernel settings"):
+        with kernel_settings(tasks_as_group=False):
+            pass
 
 
-def test_groups_avoid_torchs_per_group_double_backward(monkeypatch):
+def test_per_task_min_batch_is_a_setting(rule_calls, loop_choices):
+    with kernel_settings(per_task_min_batch=4):
+        MAML(net(), 0.3, 1).step(batch(5))
+    assert set(loop_choices) == {True}
+
+
+def test_groups_avoid_torchs_per_group_double_backward():
     # torch's double backward of a grouped convolution runs one convolution per group, so
     # its count grows with the tasks; this module's written-out one is one per term.
     import collections
@@ -105,9 +114,8 @@ def test_groups_avoid_torchs_per_group_double_backward(monkeypatch):
             return func(*args, **(kwargs or {}))
 
     def convolutions(as_groups: bool, tasks: int) -> int:
-        monkeypatch.setattr(task_convolution, "TASKS_AS_GROUPS", as_groups)
         counts.clear()
-        with Ops():
+        with kernel_settings(tasks_as_groups=as_groups), Ops():
             MAML(net(), 0.3, 2).step(batch(5, tasks))
         return counts["aten.convolution"] + counts["aten.convolution_backward"]
 

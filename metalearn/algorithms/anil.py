@@ -6,11 +6,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import grad
 
+from metalearn.algorithms.base import MetaLearner
 from metalearn.algorithms.functional_model import Params
-from metalearn.algorithms.maml import MAML
-from metalearn.algorithms.norm_layers import differentiated_at_most_once
+from metalearn.algorithms.inner_loop import inner_loop, sgd
+from metalearn.algorithms.losses import TaskLoss
 
 InnerSelection = str | Sequence[str] | Callable[[str], bool] | None
 
@@ -50,7 +50,7 @@ def select_parameters(model: nn.Module, inner_params: InnerSelection) -> tuple[s
     return names
 
 
-class ANIL(MAML):
+class ANIL(MetaLearner):
     """ANIL: the inner loop adapts only the head; the body is learned in the outer loop.
 
     The inner SGD steps update only the selected ("inner") parameters; the rest (the body)
@@ -69,7 +69,7 @@ class ANIL(MAML):
             parameters of the model's last module that has any (``classifier`` in
             :class:`~metalearn.models.Conv4`, the output ``Linear`` of an MLP).
         first_order: treat the head's inner gradients as constants.
-        inner_flood, flood_mode, outer_flood, label_smoothing: as for :class:`MAML`.
+        loss and its options: as for :class:`~metalearn.MAML`.
 
     Example:
         >>> import torch
@@ -89,37 +89,23 @@ class ANIL(MAML):
         True
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        inner_lr: float,
-        inner_steps: int,
-        inner_params: InnerSelection = None,
-        first_order: bool = False,
-        inner_flood: float | None = None,
-        flood_mode: str = "batch",
-        outer_flood: float | None = None,
-        label_smoothing: float = 0.0,
-    ) -> None:
-        super().__init__(model, inner_lr, inner_steps, first_order, inner_flood, flood_mode,
-                         outer_flood, label_smoothing)
+    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
+                 inner_params: InnerSelection = None, first_order: bool = False,
+                 loss: TaskLoss | None = None, **loss_options) -> None:
+        super().__init__(model, inner_lr, inner_steps, first_order, loss, **loss_options)
         self.inner_names = select_parameters(model, inner_params)
 
-    def _adapt_task(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int) -> Params:
+    def adapt_task(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int,
+                   first_order: bool, trajectory: bool = False):
         body = {k: v for k, v in params.items() if k not in self.inner_names}
         head = {k: params[k] for k in self.inner_names}
 
-        def head_loss(h: Params) -> torch.Tensor:
-            return self.inner_loss({**body, **h}, x, y)
+        def loss(h: Params, step: int, order: int) -> torch.Tensor:
+            return self.support_loss({**body, **h}, x, y, order)
 
-        head_grad = grad(head_loss)
-        path = []
-        for _ in range(steps):
-            if self.first_order:
-                with torch.no_grad(), differentiated_at_most_once():
-                    g = head_grad(head)
-            else:
-                g = head_grad(head)
-            head = {k: head[k] - self.inner_lr * g[k] for k in head}
-            self._track({**body, **head}, path)
-        return self._finish({**body, **head}, path)
+        out = inner_loop(loss, head, steps, sgd(self.inner_lr), first_order=first_order,
+                         trajectory=trajectory)
+        if not trajectory:
+            return {**body, **out}
+        head, path = out
+        return {**body, **head}, [{**body, **h} for h in path]

@@ -1,4 +1,4 @@
-"""What every meta-learner shares: the task loss, input checks, and adapt/predict."""
+"""What every meta-learner shares: the model, the task losses, adapt/predict, input checks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from torch import nn
 from torch.func import vmap
 
 from metalearn.algorithms.functional_model import FunctionalModel, Params
-from metalearn.algorithms.losses import check_flood, flooded_mean, per_example_loss
-from metalearn.algorithms.norm_layers import differentiated_at_most_once
+from metalearn.algorithms.losses import TaskLoss, accuracy
 from metalearn.data.task_batch import TaskBatch
 
 
@@ -27,58 +26,137 @@ def check_steps(name: str, value: int) -> int:
     return value
 
 
-class MetaLearner:
-    """Base class: holds the model, the inner loss and the shared checks.
+class MetaLearner(nn.Module):
+    """Base class of the learners: an ``nn.Module`` holding the model and what is meta-learned.
 
-    Subclasses implement ``_adapt_task`` (the inner loop of one task, written for
-    ``vmap``) and ``step``.
+    The interface every learner has:
+
+    * :meth:`step` accumulates the meta-gradient of a :class:`~metalearn.data.TaskBatch`
+      into the ``.grad`` of :meth:`meta_parameters` (as ``backward()`` would) and returns
+      the metrics; an outer optimiser then steps.
+    * :meth:`meta_loss` (the learners with a differentiable outer objective): the objective
+      with its graph, and the per-task query metric.
+    * :meth:`adapt` and :meth:`predict`: adapted weights for new tasks, and outputs under
+      them.
+    * :meth:`adapt_task`: the inner loop of one task, written for ``vmap`` with
+      :func:`~metalearn.algorithms.inner_loop.inner_loop`; what each algorithm defines.
+    * ``learner.parameters()`` are the model's and the learned inner-loop state's
+      (``learner.learned``: Meta-SGD's rates, MAML++'s per-step rates and BatchNorm), so
+      ``learner.state_dict()`` holds both.
+
+    Args:
+        model: any ``nn.Module``; it becomes the submodule ``learner.model``.
+        inner_lr: the inner step size (alpha).
+        inner_steps: inner steps during meta-training.
+        first_order: take the inner gradients as constants in the meta-gradient.
+        loss: a :class:`~metalearn.algorithms.losses.TaskLoss`; or give its options
+            (``inner_flood``, ``outer_flood``, ``flood_mode``, ``label_smoothing``) as
+            keyword arguments.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        inner_lr: float,
-        inner_steps: int,
-        inner_flood: float | None = None,
-        flood_mode: str = "batch",
-        outer_flood: float | None = None,
-        label_smoothing: float = 0.0,
-    ) -> None:
-        self.fmodel = FunctionalModel(model)
+    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
+                 first_order: bool = False, loss: TaskLoss | None = None,
+                 **loss_options) -> None:
+        super().__init__()
+        fmodel = FunctionalModel(model)  # checks the model first
+        if loss is not None and loss_options:
+            raise TypeError(f"give either loss= or its options {sorted(loss_options)}, not both")
         self.model = model
+        self.fmodel = fmodel
         self.inner_lr = check_lr("inner_lr", inner_lr)
         self.inner_steps = check_steps("inner_steps", inner_steps)
-        self.flood_mode = flood_mode
-        self.inner_flood = check_flood(inner_flood, flood_mode, "inner_flood")
-        self.outer_flood = check_flood(outer_flood, flood_mode, "outer_flood")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
+        self.first_order = bool(first_order)
+        self.loss = loss if loss is not None else TaskLoss(**loss_options)
+        # What the learner meta-learns besides the model (empty for MAML).
+        self.learned = nn.Module()
+        # Random source of inner-loop draws (Reptile's mini-batches); None: torch's global.
+        self.generator: torch.Generator | None = None
         self._num_outputs: int | None = None
-        self._record_trajectory = False
 
     # -- losses -------------------------------------------------------------------------
-    def task_loss(
-        self, params: Params, x: torch.Tensor, y: torch.Tensor, flood: float | None = None
-    ) -> torch.Tensor:
-        """Mean loss of one task's examples under ``params``, flooded at ``flood``."""
-        losses = per_example_loss(self.fmodel(params, x), y, self.label_smoothing)
-        return flooded_mean(losses, flood, self.flood_mode)
+    def support_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor,
+                     order: int = 2) -> torch.Tensor:
+        """The inner loss of one task's support set (flooded at the inner level)."""
+        return self.loss.inner(self.fmodel(params, x, order), y)
 
-    def inner_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.task_loss(params, x, y, self.inner_flood)
+    def query_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, order: int = 1
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outer loss of one task's query set at ``params``, and its metric (accuracy,
+        or the loss itself for regression)."""
+        out = self.fmodel(params, x, order)
+        loss = self.loss.outer(out, y)
+        return loss, (accuracy(out, y) if not y.dtype.is_floating_point else loss.detach())
 
-    # -- adaptation ---------------------------------------------------------------------
-    def _adapt_task(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int) -> Params:
+    # -- the inner loop and the meta-gradient -------------------------------------------
+    def adapt_task(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int,
+                   first_order: bool, trajectory: bool = False
+                   ) -> Params | tuple[Params, list[Params]]:
+        """The inner loop of one task (for ``vmap``), as :func:`~metalearn.algorithms.
+        inner_loop.inner_loop` returns it."""
         raise NotImplementedError
 
-    def _adapt_batch(
-        self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int
-    ) -> Params:
-        """The inner loop of every task in the batch, as one vmapped computation."""
-        return vmap(self._adapt_task, in_dims=(None, 0, 0, None), randomness="different")(
-            params, support_x, support_y, steps
-        )
+    def _task_meta_loss(self, params: Params, sx: torch.Tensor, sy: torch.Tensor,
+                        qx: torch.Tensor, qy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fast = self.adapt_task(params, sx, sy, self.inner_steps, self.first_order)
+        return self.query_loss(fast, qx, qy)
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outer objective with its autograd graph, and the per-task query metric.
+
+        By default the mean query loss after the inner loop, differentiated through it
+        (unrolled, or first order). :meth:`step` differentiates it; the memory profile
+        measures the graph it keeps.
+        """
+        self._check_batch(batch)
+        losses, metric = vmap(self._task_meta_loss, in_dims=(None, 0, 0, 0, 0),
+                              randomness="different")(
+            self.fmodel.params(), batch.support_x, batch.support_y, batch.query_x,
+            batch.query_y)
+        return losses.mean(), metric
+
+    def forward(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.meta_loss(batch)
+
+    def step(self, batch: TaskBatch, shard: tuple[int, int] | None = None) -> dict[str, float]:
+        """Accumulate the meta-gradient of ``batch`` into ``.grad``; return metrics.
+
+        ``shard``: ``(offset, total)`` when ``batch`` is the slice ``offset…`` of a
+        meta-batch of ``total`` tasks split across processes (learners with random inner
+        draws make them for the whole meta-batch, so the run matches one process).
+        """
+        loss, metric = self.meta_loss(batch)
+        loss.backward()
+        metrics = {"loss": loss.item()}
+        if batch.is_classification:
+            metrics["accuracy"] = metric.mean().item()
+        return metrics
+
+    @property
+    def memory_saving(self) -> bool:
+        """Whether the inner steps' activations are recomputed in the outer backward
+        (:class:`~metalearn.MAML` only)."""
+        return False
+
+    @memory_saving.setter
+    def memory_saving(self, value: bool) -> None:
+        if value:
+            raise NotImplementedError(
+                f"memory_saving=True is implemented for MAML's plain SGD inner loop only, not "
+                f"for {type(self).__name__} (learned inner rates, a partial inner loop or a "
+                "multi-step loss); use memory_saving=False")
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """What the outer optimiser updates: the trainable parameters of the model, then
+        those of ``learned``."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- adaptation ---------------------------------------------------------------------
+    def _adapt_batch(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
+                     steps: int, trajectory: bool):
+        def task(sx: torch.Tensor, sy: torch.Tensor):
+            return self.adapt_task(params, sx, sy, steps, True, trajectory)
+
+        return vmap(task, randomness="different")(support_x, support_y)
 
     def adapt(
         self,
@@ -100,34 +178,25 @@ class MetaLearner:
             support_x, support_y = support_x.unsqueeze(0), support_y.unsqueeze(0)
         self._check_inputs(support_x, support_y, "support")
         params = self.fmodel.params()
-        self._record_trajectory = trajectory
-        try:
-            with torch.no_grad(), differentiated_at_most_once():
-                fast = self._adapt_batch(params, support_x, support_y, steps)
-        finally:
-            self._record_trajectory = False
+        with torch.no_grad():
+            out = self._adapt_batch(params, support_x, support_y, steps, trajectory)
         if not trajectory:
-            return fast if batched else {k: v[0] for k, v in fast.items()}
-        path = [{k: v.expand(len(support_x), *v.shape).clone() for k, v in params.items()}]
-        path += fast
+            return out if batched else {k: v[0] for k, v in out.items()}
+        start = {k: v.expand(len(support_x), *v.shape).clone() for k, v in params.items()}
+        path = [self._start_of_trajectory(start), *out[1]]
         return path if batched else [{k: v[0] for k, v in f.items()} for f in path]
 
-    def _track(self, fast: Params, path: list[Params]) -> None:
-        """Inside the inner loop: remember ``fast`` when a trajectory was asked for."""
-        if self._record_trajectory:
-            path.append(fast)
-
-    def _finish(self, fast: Params, path: list[Params]) -> Params | list[Params]:
-        return path if self._record_trajectory else fast
+    def _start_of_trajectory(self, start: Params) -> Params:
+        """The weights before any inner step, per task (MAML++ puts in its step-0 BatchNorm)."""
+        return start
 
     def predict(self, fast: Params, x: torch.Tensor) -> torch.Tensor:
         """Outputs for ``x`` under adapted weights from :meth:`adapt` (batched or not)."""
         reference = self.fmodel.params()
         name = next(iter(reference))
-        with differentiated_at_most_once():
-            if fast[name].ndim == reference[name].ndim:
-                return self.fmodel(fast, x)
-            return vmap(self.fmodel, randomness="different")(fast, x)
+        if fast[name].ndim == reference[name].ndim:
+            return self.fmodel(fast, x, order=0)
+        return vmap(self.fmodel, in_dims=(0, 0, None), randomness="different")(fast, x, 0)
 
     # -- checks -------------------------------------------------------------------------
     def _check_inputs(self, x: torch.Tensor, y: torch.Tensor, which: str) -> None:
@@ -145,7 +214,8 @@ class MetaLearner:
         if not y.dtype.is_floating_point:
             if self._num_outputs is None:
                 with torch.no_grad():
-                    self._num_outputs = self.fmodel(self.fmodel.params(), x[0]).shape[-1]
+                    self._num_outputs = self.fmodel(self.fmodel.params(), x[0],
+                                                    order=0).shape[-1]
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= self._num_outputs:
                 raise ValueError(
@@ -160,6 +230,13 @@ class MetaLearner:
         batch.validate()
         self._check_inputs(batch.support_x, batch.support_y, "support")
         self._check_inputs(batch.query_x, batch.query_y, "query")
+        ref = next(iter(self.fmodel.params().values()))
+        for name, t in self.learned.named_parameters():
+            if t.device != ref.device or t.dtype != ref.dtype:
+                raise ValueError(
+                    f"learned {name} is {t.dtype} on {t.device} but the model is {ref.dtype} "
+                    f"on {ref.device}; move the whole learner (learner.to({str(ref.device)!r}, "
+                    f"{ref.dtype})), or build the learner after moving the model")
 
     def _accumulate(self, grads: Params) -> None:
         """Add ``grads`` into ``p.grad``, as ``backward()`` would."""

@@ -1,4 +1,4 @@
-"""Run any ``nn.Module`` as a pure function of a parameter dict."""
+"""Run any ``nn.Module`` as a pure function of a parameter dict: the one door to the kernels."""
 
 from __future__ import annotations
 
@@ -6,17 +6,20 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metalearn.algorithms.norm_layers import batch_statistics
-from metalearn.algorithms.task_convolution import per_task_convolutions
+from metalearn.kernels import layers_for
 
 Params = dict[str, torch.Tensor]
 
 
 class FunctionalModel:
-    """A module seen as ``f(params, x)``, with ``params`` its trainable parameters.
+    """A module seen as ``f(params, x, order)``, with ``params`` its trainable parameters.
 
     Frozen parameters (``requires_grad=False``) and buffers stay inside the module and
-    are not adapted.
+    are not adapted. ``order`` says how the result will be differentiated (2: twice, as a
+    second-order inner step; 1: once, by a later backward, as a query loss; 0: at most
+    once and at once, or never), which picks the kernels the model's layers run on
+    (:mod:`metalearn.kernels`). Every order gives the same values to round-off; 2 is
+    right for any use, the lower orders are faster or keep less memory.
 
     Args:
         model: any ``nn.Module``.
@@ -26,7 +29,7 @@ class FunctionalModel:
         >>> from metalearn.models import MLP
         >>> from metalearn.algorithms.functional_model import FunctionalModel
         >>> f = FunctionalModel(MLP())
-        >>> f(f.params(), torch.zeros(5, 1)).shape
+        >>> f(f.params(), torch.zeros(5, 1), order=0).shape
         torch.Size([5, 1])
     """
 
@@ -44,6 +47,6 @@ class FunctionalModel:
         """The trainable parameters, by name (the live ``nn.Parameter`` objects)."""
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
-    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        with batch_statistics(self.module), per_task_convolutions(self.module):
+    def __call__(self, params: Params, x: torch.Tensor, order: int = 2) -> torch.Tensor:
+        with layers_for(self.module, order):
             return functional_call(self.module, params, (x,), strict=False)

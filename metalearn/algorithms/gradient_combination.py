@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import grad, vmap
+from torch.func import vmap
 
 from metalearn.algorithms.functional_model import Params
-from metalearn.algorithms.norm_layers import differentiated_at_most_once
-from metalearn.algorithms.reptile import Reptile, minibatch_indices
+from metalearn.algorithms.inner_loop import inner_loop
+from metalearn.algorithms.reptile import Reptile
 from metalearn.data.task_batch import TaskBatch
 
 TAILS = ("shared", "separate")
@@ -147,8 +147,6 @@ class GradientCombination(Reptile):
     ) -> None:
         super().__init__(model, inner_lr, inner_steps, inner_batch, inner_optimizer, sampling,
                          **kwargs)
-        if self.inner_steps < 1:
-            raise ValueError(f"inner_steps must be >= 1 (one gradient at least), got {inner_steps}")
         if tail not in TAILS:
             raise ValueError(f"unknown tail {tail!r}; choose one of {TAILS}")
         self.use = parse_use(use, self.inner_steps)
@@ -159,56 +157,50 @@ class GradientCombination(Reptile):
         qy: torch.Tensor, batches: torch.Tensor | None,
     ) -> tuple[Params, Params]:
         """One task: (sum of the used g_i, the weights its metrics are taken at)."""
-        inner_grad = grad(self.inner_loss)
         k, separate = self.inner_steps, self.tail == "separate"
-        adam = self.inner_optimizer == "adam"
-        m = {n: torch.zeros_like(p) for n, p in params.items()} if adam else None
-        v = {n: torch.zeros_like(p) for n, p in params.items()} if adam else None
-        total = {n: torch.zeros_like(p) for n, p in params.items()}
-        fast = params
-        for t in range(k):
-            if separate and t == k - 1:
+
+        def loss(p: Params, step: int, order: int) -> torch.Tensor:
+            if separate and step == k - 1:
                 xb, yb = qx, qy  # the held-out tail
             elif batches is None:
                 xb, yb = x, y
             else:
-                xb, yb = x[batches[t]], y[batches[t]]
-            g = inner_grad(fast, xb, yb)
-            if t + 1 in self.use:
-                total = {n: total[n] + g[n] for n in total}
-            if separate and t == k - 1:
-                break  # a step on the tail would leak the query set into the metrics
-            fast = self._inner_update(fast, g, m, v, t)
+                xb, yb = x[batches[step]], y[batches[step]]
+            return self.support_loss(p, xb, yb, order)
+
+        rule, used = self.update_rule(), []
+
+        def update(step: int, p: Params, g: Params, state):
+            if step + 1 in self.use:
+                used.append(g)
+            if separate and step == k - 1:
+                return p, state  # a step on the tail would leak the query set into the metrics
+            return rule(step, p, g, state)
+
+        fast = inner_loop(loss, params, k, update, first_order=True)
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+        for g in used:
+            total = {n: total[n] + g[n] for n in total}
         return total, fast
 
-    def directions(self, batch: TaskBatch) -> tuple[Params, Params]:
+    def directions(self, batch: TaskBatch, shard: tuple[int, int] | None = None
+                   ) -> tuple[Params, Params]:
         """Per-task directions ``(B, ...)`` and the weights the metrics are taken at.
 
         :meth:`step` averages the first over tasks; exposed for analysis and tests.
         """
         self._check_batch(batch)
-        size = batch.num_support
         support_steps = self.inner_steps - (self.tail == "separate")
-        idx = None
-        if self.inner_batch is not None and support_steps > 0:
-            if self.inner_batch > size:
-                raise ValueError(
-                    f"inner_batch={self.inner_batch} exceeds the {size} support examples per "
-                    "task; lower inner_batch or raise shots"
-                )
-            # Drawn for the whole meta-batch and sliced, as Reptile does across processes.
-            offset, total = self.shard or (0, len(batch))
-            idx = minibatch_indices(total, size, self.inner_batch, support_steps, self.sampling,
-                                    self.generator)
-            idx = idx[offset: offset + len(batch)].to(batch.support_x.device)
-        with torch.no_grad(), differentiated_at_most_once():
+        idx = (self._minibatches(len(batch), batch.num_support, support_steps, shard,
+                                 batch.support_x.device) if support_steps > 0 else None)
+        with torch.no_grad():
             return vmap(self._task_direction, in_dims=(None, 0, 0, 0, 0, 0 if idx is not None
                                                        else None), randomness="different")(
                 self.fmodel.params(), batch.support_x, batch.support_y, batch.query_x,
                 batch.query_y, idx)
 
-    def step(self, batch: TaskBatch) -> dict[str, float]:
+    def step(self, batch: TaskBatch, shard: tuple[int, int] | None = None) -> dict[str, float]:
         """Accumulate ``mean_tasks sum_{i in use} g_i`` into ``p.grad``; return query metrics."""
-        per_task, fast = self.directions(batch)
+        per_task, fast = self.directions(batch, shard)
         self._accumulate({n: d.mean(0) for n, d in per_task.items()})
         return self._query_metrics(fast, batch)

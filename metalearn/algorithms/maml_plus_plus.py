@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
-from torch.func import grad, vmap
+from torch.func import vmap
 
-from metalearn.algorithms.base import check_steps
+from metalearn.algorithms.base import MetaLearner, check_steps
 from metalearn.algorithms.functional_model import Params
-from metalearn.algorithms.losses import accuracy, flooded_mean, per_example_loss
-from metalearn.algorithms.maml import MAML
-from metalearn.algorithms.meta_sgd import LearnedState, param_key
-from metalearn.algorithms.norm_layers import differentiated_at_most_once
+from metalearn.algorithms.inner_loop import inner_loop, sgd
+from metalearn.algorithms.losses import TaskLoss
+from metalearn.algorithms.meta_sgd import param_key
 from metalearn.data.task_batch import TaskBatch
 
 
@@ -50,7 +49,7 @@ def batch_norm_parameters(model: nn.Module) -> tuple[str, ...]:
     return tuple(n for n in names if n in trainable)
 
 
-class MAMLPlusPlus(LearnedState, MAML):
+class MAMLPlusPlus(MetaLearner):
     """MAML++: MAML with each of the paper's ingredients switchable on its own.
 
     * ``lslr``: per-layer, per-step learnable inner learning rates (one scalar per
@@ -70,8 +69,8 @@ class MAMLPlusPlus(LearnedState, MAML):
     The per-step tensors have ``max(inner_steps, 1)`` rows; adapting for more steps (as
     evaluation may) reuses the last row. ``learner.iteration`` counts :meth:`step` calls
     and is part of :meth:`state_dict`, so annealing resumes where it stopped. With every
-    ingredient off this is exactly :class:`MAML`. Optimise ``learner.meta_parameters()``
-    and checkpoint ``learner.state_dict()`` beside the model.
+    ingredient off this is exactly :class:`~metalearn.MAML`. Optimise
+    ``learner.parameters()``; ``learner.state_dict()`` holds the learned state with the model.
 
     Args:
         model: any ``nn.Module``.
@@ -85,7 +84,7 @@ class MAMLPlusPlus(LearnedState, MAML):
         first_order_iterations: iterations trained first order before switching to second
             order (0: second order from the start).
         per_step_bn: per-step BatchNorm weights and biases.
-        inner_flood, flood_mode, outer_flood, label_smoothing: as for :class:`MAML`.
+        loss and its options: as for :class:`~metalearn.MAML`.
 
     Example:
         >>> import torch
@@ -93,7 +92,7 @@ class MAMLPlusPlus(LearnedState, MAML):
         >>> from metalearn.data import SineTasks
         >>> from metalearn.models import MLP
         >>> learner = MAMLPlusPlus(MLP(), inner_lr=0.01, inner_steps=3, msl_iterations=100)
-        >>> opt = torch.optim.Adam(learner.meta_parameters(), lr=1e-3)
+        >>> opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
         >>> for _ in range(2):
         ...     opt.zero_grad()
         ...     metrics = learner.step(SineTasks(seed=0).sample(4))
@@ -113,13 +112,10 @@ class MAMLPlusPlus(LearnedState, MAML):
         msl_iterations: int = 5000,
         first_order_iterations: int = 0,
         per_step_bn: bool = True,
-        inner_flood: float | None = None,
-        flood_mode: str = "batch",
-        outer_flood: float | None = None,
-        label_smoothing: float = 0.0,
+        loss: TaskLoss | None = None,
+        **loss_options,
     ) -> None:
-        super().__init__(model, inner_lr, inner_steps, first_order, inner_flood, flood_mode,
-                         outer_flood, label_smoothing)
+        super().__init__(model, inner_lr, inner_steps, first_order, loss, **loss_options)
         if check_steps("msl_iterations", msl_iterations) < 1:
             raise ValueError(f"msl_iterations must be >= 1, got {msl_iterations}")
         self.first_order_iterations = check_steps("first_order_iterations",
@@ -162,82 +158,51 @@ class MAMLPlusPlus(LearnedState, MAML):
         rows = {n: self.learned.bn[param_key(n)] for n in self.bn_names}
         return {n: t[min(k, len(t) - 1)] for n, t in rows.items()}
 
-    def _support_loss(self, adapted: Params, bn: Params, x: torch.Tensor,
-                      y: torch.Tensor) -> torch.Tensor:
-        return self.inner_loss({**adapted, **bn}, x, y)
-
-    def _loop(
-        self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, first_order: bool,
-        after_step: Callable[[int, Params], None] | None = None,
-    ) -> tuple[Params, list[Params]]:
-        """Adapt one task; ``after_step(k, fast)`` sees the weights after update ``k``."""
-        order = list(params)
+    def adapt_task(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int,
+                   first_order: bool, trajectory: bool = False):
+        # The per-step BatchNorm rows are learned in the outer loop only: not adapted.
         adapted = {n: v for n, v in params.items() if n not in self.bn_names}
-        path = []
-        for k in range(steps):
-            bn = self._bn_at(k)
-            if first_order:
-                with torch.no_grad(), differentiated_at_most_once():
-                    g = grad(self._support_loss)(adapted, bn, x, y)
-            else:
-                g = grad(self._support_loss)(adapted, bn, x, y)
-            adapted = {n: adapted[n] - self._lr(n, k) * g[n] for n in adapted}
-            merged = {**adapted, **bn}
-            fast = {n: merged[n] for n in order}
-            self._track(fast, path)
-            if after_step is not None:
-                after_step(k, fast)
-        fast = {**adapted, **self._bn_at(max(steps - 1, 0))}
-        return {n: fast[n] for n in order}, path
 
-    def _adapt_task(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int) -> Params:
-        fast, path = self._loop(params, x, y, steps, self.first_order)
-        return self._finish(fast, path)
+        def loss(p: Params, step: int, order: int) -> torch.Tensor:
+            return self.support_loss({**p, **self._bn_at(step)}, x, y, order)
 
-    def adapt(
-        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None,
-        trajectory: bool = False,
-    ) -> Params | list[Params]:
-        out = super().adapt(support_x, support_y, steps, trajectory)
-        if trajectory and self.bn_names:
-            # Before any update the weights are theta with step 0's BatchNorm row.
-            with torch.no_grad():
-                for n, row in self._bn_at(0).items():
-                    out[0][n] = row.expand_as(out[0][n]).clone()
-        return out
+        def with_bn(p: Params, k: int) -> Params:
+            merged = {**p, **self._bn_at(k)}
+            return {n: merged[n] for n in params}
+
+        fast, path = inner_loop(loss, adapted, steps, sgd(self._lr), first_order=first_order,
+                                trajectory=True)
+        fast = with_bn(fast, max(steps - 1, 0))
+        return (fast, [with_bn(p, k) for k, p in enumerate(path)]) if trajectory else fast
+
+    def _start_of_trajectory(self, start: Params) -> Params:
+        # Before any update the weights are theta with step 0's BatchNorm row.
+        return {**start, **{n: row.expand_as(start[n]).clone()
+                            for n, row in self._bn_at(0).items()}}
 
     # -- the outer objective ------------------------------------------------------------
-    def _query(self, fast: Params, x: torch.Tensor, y: torch.Tensor):
-        out = self.fmodel(fast, x)
-        loss = flooded_mean(per_example_loss(out, y, self.label_smoothing), self.outer_flood,
-                            self.flood_mode)
-        return loss, (accuracy(out, y) if not y.dtype.is_floating_point else loss.detach())
-
     def _task_objective(self, params: Params, sx: torch.Tensor, sy: torch.Tensor,
-                        qx: torch.Tensor, qy: torch.Tensor):
-        weights, terms = self._weights, []
-
-        def score(k: int, fast: Params) -> None:
-            if weights[k] != 0.0:
-                terms.append((weights[k], *self._query(fast, qx, qy)))
-
-        fast, _ = self._loop(params, sx, sy, self.inner_steps, self._first_order_now, score)
+                        qx: torch.Tensor, qy: torch.Tensor, weights: list[float],
+                        first_order: bool):
+        fast, path = self.adapt_task(params, sx, sy, self.inner_steps, first_order,
+                                     trajectory=True)
+        terms = [(w, *self.query_loss(f, qx, qy)) for w, f in zip(weights, path) if w != 0.0]
         if not terms:  # no inner steps: the query loss at theta
-            terms = [(1.0, *self._query(fast, qx, qy))]
+            terms = [(1.0, *self.query_loss(fast, qx, qy))]
         objective = sum(w * loss for w, loss, _ in terms)
         return objective, terms[-1][1].detach(), terms[-1][2]
 
     def _meta_terms(self, batch: TaskBatch) -> tuple[torch.Tensor, ...]:
         self._check_batch(batch)
-        self._check_learned()
         steps, it = self.inner_steps, self.iteration
-        on = self.multi_step_loss
-        self._weights = msl_weights(steps, it, self.msl_iterations) if on else \
-            [0.0] * max(steps - 1, 0) + [1.0]
-        self._first_order_now = self.first_order or it < self.first_order_iterations
-        objective, final, metric = vmap(
-            self._task_objective, in_dims=(None, 0, 0, 0, 0), randomness="different"
-        )(self.fmodel.params(), batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        weights = (msl_weights(steps, it, self.msl_iterations) if self.multi_step_loss
+                   else [0.0] * max(steps - 1, 0) + [1.0])
+        first_order = self.first_order or it < self.first_order_iterations
+        task = partial(self._task_objective, weights=weights, first_order=first_order)
+        objective, final, metric = vmap(task, in_dims=(None, 0, 0, 0, 0),
+                                        randomness="different")(
+            self.fmodel.params(), batch.support_x, batch.support_y, batch.query_x,
+            batch.query_y)
         return objective.mean(), final.mean(), metric
 
     def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,8 +210,8 @@ class MAMLPlusPlus(LearnedState, MAML):
         objective, _, metric = self._meta_terms(batch)
         return objective, metric
 
-    def step(self, batch: TaskBatch) -> dict[str, float]:
-        """Accumulate the meta-gradient into ``.grad`` of :meth:`meta_parameters`, advance
+    def step(self, batch: TaskBatch, shard: tuple[int, int] | None = None) -> dict[str, float]:
+        """Accumulate the meta-gradient into ``.grad`` of the learner's parameters, advance
         ``iteration``; ``loss`` is the final step's query loss, ``objective`` the
         differentiated (multi-step) loss."""
         objective, final, metric = self._meta_terms(batch)

@@ -6,12 +6,12 @@ import math
 
 import torch
 from torch import nn
-from torch.func import grad, vmap
+from torch.func import vmap
 
 from metalearn.algorithms.base import MetaLearner
 from metalearn.algorithms.functional_model import Params
-from metalearn.algorithms.losses import accuracy, per_example_loss
-from metalearn.algorithms.norm_layers import differentiated_at_most_once
+from metalearn.algorithms.inner_loop import Update, adam, inner_loop, sgd
+from metalearn.algorithms.losses import TaskLoss, accuracy, per_example_loss
 from metalearn.data.task_batch import TaskBatch
 
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -50,19 +50,17 @@ class Reptile(MetaLearner):
     Args:
         model: any ``nn.Module``.
         inner_lr: inner learning rate.
-        inner_steps: inner iterations k during meta-training.
+        inner_steps: inner iterations k during meta-training (>= 1: with none, phi = theta
+            and Reptile learns nothing).
         inner_batch: examples per inner mini-batch; ``None`` uses the whole support set.
         inner_optimizer: ``"sgd"`` or ``"adam"``.
         sampling: ``"cycle"`` through the data or draw with ``"replacement"``.
         adam_betas: Adam's (beta1, beta2); the paper's setting is beta1 = 0.
         adam_eps: Adam's epsilon.
-        inner_flood, flood_mode, label_smoothing: as for :class:`~metalearn.MAML`.
-        generator: random source of the mini-batches (default: torch's global one).
-
-    Attributes:
-        shard: ``(offset, total)`` when ``step`` sees tasks ``offset…`` of a meta-batch of
-            ``total`` split across processes: the mini-batch draws are made for the whole
-            meta-batch and sliced, so they match a single-process run exactly.
+        generator: random source of the mini-batches (default: torch's global one); also
+            the attribute ``learner.generator``.
+        loss and its options: as for :class:`~metalearn.MAML`, except ``outer_flood``
+            (Reptile has no outer loss).
 
     Example:
         >>> import torch
@@ -87,13 +85,18 @@ class Reptile(MetaLearner):
         sampling: str = "cycle",
         adam_betas: tuple[float, float] = (0.0, 0.999),
         adam_eps: float = 1e-8,
-        inner_flood: float | None = None,
-        flood_mode: str = "batch",
-        label_smoothing: float = 0.0,
         generator: torch.Generator | None = None,
+        loss: TaskLoss | None = None,
+        **loss_options,
     ) -> None:
-        super().__init__(model, inner_lr, inner_steps, inner_flood, flood_mode, None,
-                         label_smoothing)
+        if loss_options.get("outer_flood") is not None:
+            raise TypeError("Reptile has no outer loss to flood: outer_flood does not apply")
+        super().__init__(model, inner_lr, inner_steps, first_order=True, loss=loss,
+                         **loss_options)
+        if self.inner_steps == 0:
+            raise ValueError(f"inner_steps must be >= 1 for {type(self).__name__}: with none, "
+                             "phi = theta and the update theta + epsilon * (phi - theta) "
+                             "changes nothing")
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(
                 f"unknown inner_optimizer {inner_optimizer!r}; choose one of {INNER_OPTIMIZERS}"
@@ -111,78 +114,72 @@ class Reptile(MetaLearner):
         self.sampling = sampling
         self.adam_betas, self.adam_eps = (b1, b2), adam_eps
         self.generator = generator
-        self.shard: tuple[int, int] | None = None
 
-    def _adapt_task(
-        self, params: Params, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor | None
-    ) -> Params:
-        inner_grad = grad(self.inner_loss)
-        steps = batches.shape[0] if batches is not None else self._steps
-        adam = self.inner_optimizer == "adam"
-        m = {k: torch.zeros_like(v) for k, v in params.items()} if adam else None
-        v2 = {k: torch.zeros_like(v) for k, v in params.items()} if adam else None
-        fast, path = params, []
-        for t in range(steps):
-            xb, yb = (x, y) if batches is None else (x[batches[t]], y[batches[t]])
-            fast = self._inner_update(fast, inner_grad(fast, xb, yb), m, v2, t)
-            self._track(fast, path)
-        return self._finish(fast, path)
+    def update_rule(self) -> Update:
+        """The inner optimiser: SGD, or Adam with fresh moments for every task."""
+        if self.inner_optimizer == "adam":
+            return adam(self.inner_lr, self.adam_betas, self.adam_eps)
+        return sgd(self.inner_lr)
 
-    def _inner_update(self, fast: Params, g: Params, m: Params | None, v: Params | None,
-                      t: int) -> Params:
-        """Inner step ``t``: SGD, or Adam when its moments ``m``, ``v`` are given (updated
-        in place)."""
-        if m is None or v is None:
-            return {k: fast[k] - self.inner_lr * g[k] for k in fast}
-        b1, b2 = self.adam_betas
-        new = {}
-        for k in fast:
-            m[k] = b1 * m[k] + (1 - b1) * g[k]
-            v[k] = b2 * v[k] + (1 - b2) * g[k] * g[k]
-            m_hat = m[k] / (1 - b1 ** (t + 1))
-            v_hat = v[k] / (1 - b2 ** (t + 1))
-            new[k] = fast[k] - self.inner_lr * m_hat / (v_hat.sqrt() + self.adam_eps)
-        return new
+    def adapt_task(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int,
+                   first_order: bool = True, trajectory: bool = False,
+                   batches: torch.Tensor | None = None):
+        """The inner loop of one task; ``batches``: the mini-batch indices ``(steps, b)``,
+        or ``None`` for the whole support set at every step."""
+        def loss(p: Params, step: int, order: int) -> torch.Tensor:
+            xb, yb = (x, y) if batches is None else (x[batches[step]], y[batches[step]])
+            return self.support_loss(p, xb, yb, order)
+
+        return inner_loop(loss, params, steps, self.update_rule(), first_order=True,
+                          trajectory=trajectory)
+
+    def _minibatches(self, tasks: int, size: int, steps: int, shard: tuple[int, int] | None,
+                     device: torch.device) -> torch.Tensor | None:
+        """Every task's mini-batch indices, drawn for the whole meta-batch and sliced to this
+        process's ``shard``, so that a split run draws what one process would."""
+        if self.inner_batch is None:
+            return None
+        if self.inner_batch > size:
+            raise ValueError(
+                f"inner_batch={self.inner_batch} exceeds the {size} support examples per "
+                "task; lower inner_batch or raise shots"
+            )
+        offset, total = shard or (0, tasks)
+        idx = minibatch_indices(total, size, self.inner_batch, steps, self.sampling,
+                                self.generator)
+        return idx[offset: offset + tasks].to(device)
+
+    def _adapt_batch(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
+                     steps: int, trajectory: bool, shard: tuple[int, int] | None = None):
+        idx = self._minibatches(len(support_x), support_x.shape[1], steps, shard,
+                                support_x.device)
+
+        def task(sx: torch.Tensor, sy: torch.Tensor, batches: torch.Tensor | None):
+            return self.adapt_task(params, sx, sy, steps, True, trajectory, batches)
+
+        return vmap(task, in_dims=(0, 0, None if idx is None else 0),
+                    randomness="different")(support_x, support_y, idx)
+
+    def meta_loss(self, batch: TaskBatch):
+        raise NotImplementedError("Reptile's update is not the gradient of a loss: use step()")
+
+    def step(self, batch: TaskBatch, shard: tuple[int, int] | None = None) -> dict[str, float]:
+        """Accumulate ``theta - mean_i phi_i`` into ``p.grad``; return query metrics at phi."""
+        self._check_batch(batch)
+        params = self.fmodel.params()
+        with torch.no_grad():
+            fast = self._adapt_batch(params, batch.support_x, batch.support_y,
+                                     self.inner_steps, False, shard)
+            # An outer SGD step of size epsilon then makes theta + epsilon * mean(phi - theta).
+            self._accumulate({k: params[k] - fast[k].mean(0) for k in params})
+        return self._query_metrics(fast, batch)
 
     def _query_metrics(self, fast: Params, batch: TaskBatch) -> dict[str, float]:
         """Query loss (and accuracy) at the per-task weights ``fast``."""
-        with torch.no_grad(), differentiated_at_most_once():
-            out = vmap(self.fmodel, randomness="different")(fast, batch.query_x)
+        with torch.no_grad():
+            out = self.predict(fast, batch.query_x)
             flat_out, flat_y = out.flatten(0, 1), batch.query_y.flatten(0, 1)
             metrics = {"loss": per_example_loss(flat_out, flat_y).mean().item()}
             if batch.is_classification:
                 metrics["accuracy"] = accuracy(flat_out, flat_y).item()
         return metrics
-
-    def _adapt_batch(
-        self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int,
-        shard: tuple[int, int] | None = None,
-    ) -> Params:
-        size = support_x.shape[1]
-        batch = self.inner_batch
-        if batch is not None and batch > size:
-            raise ValueError(
-                f"inner_batch={batch} exceeds the {size} support examples per task; lower "
-                "inner_batch or raise shots"
-            )
-        self._steps = steps
-        if batch is None:
-            return vmap(self._adapt_task, in_dims=(None, 0, 0, None), randomness="different")(
-                params, support_x, support_y, None
-            )
-        offset, total = shard or (0, len(support_x))
-        idx = minibatch_indices(total, size, batch, steps, self.sampling, self.generator)
-        idx = idx[offset: offset + len(support_x)]
-        return vmap(self._adapt_task, in_dims=(None, 0, 0, 0), randomness="different")(
-            params, support_x, support_y, idx.to(support_x.device)
-        )
-
-    def step(self, batch: TaskBatch) -> dict[str, float]:
-        """Accumulate ``theta - mean_i phi_i`` into ``p.grad``; return query metrics at phi."""
-        self._check_batch(batch)
-        params = self.fmodel.params()
-        with torch.no_grad(), differentiated_at_most_once():
-            fast = self._adapt_batch(params, batch.support_x, batch.support_y, self.inner_steps,
-                                     self.shard)
-            self._accumulate({k: params[k] - fast[k].mean(0) for k in params})
-        return self._query_metrics(fast, batch)

@@ -9,29 +9,24 @@ therefore computed here instead, from ``var_mean`` and elementwise ops whose der
 Only second derivatives are wrong. The Function's vmap rule therefore runs the native
 batch-norm kernel for all tasks below the vmap level, where it is only differentiated
 once, and keeps the written-out backward and double backward for the levels that
-differentiate twice. Code
-with no outer graph whose forward is differentiated at most once (first-order inner
-loops, evaluation, all under ``torch.no_grad``) runs under
-:func:`differentiated_at_most_once`, where the layers are the plain native functions
-(with batch statistics and no running-stat updates, as above); not around a forward whose
-graph is kept, because vmap's own batch-norm rule keeps a normalised copy of the input.
+differentiate twice. A forward of order 0 (no graph kept: first-order inner loops,
+evaluation; see :func:`metalearn.kernels.layers_for`) runs the plain native functions
+(with batch statistics and no running-stat updates, as above); not a forward whose graph
+is kept, because vmap's own batch-norm rule keeps a normalised copy of the input.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from math import prod
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.algorithms.layer_swap import leading, swapped_forwards, task_first
-
-# Off by default: a forward whose graph may be differentiated twice must get the exact layer.
-_AT_MOST_ONCE: ContextVar[bool] = ContextVar("differentiated_at_most_once", default=False)
+from metalearn.kernels.layer_swap import leading, swapped_forwards, task_first
+from metalearn.kernels.settings import native_kernels
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -40,26 +35,6 @@ def _channels_last(x: torch.Tensor) -> bool:
     mean is far above its spread (as after a biased convolution of Omniglot's white
     background), so the native kernel is never handed one."""
     return x.ndim > 2 and x.stride(-1) != 1
-
-
-def at_most_once() -> bool:
-    """Whether the code running now is inside :func:`differentiated_at_most_once`."""
-    return _AT_MOST_ONCE.get()
-
-
-@contextmanager
-def differentiated_at_most_once() -> Iterator[None]:
-    """Use the native normalisation kernels for forwards run inside this block.
-
-    Only for code whose autograd graph is differentiated at most once (no ``create_graph``
-    through it, no gradient of a ``torch.func.grad`` computed inside): the native kernels'
-    first derivatives are exact under vmap, their second derivatives are not.
-    """
-    token = _AT_MOST_ONCE.set(True)
-    try:
-        yield
-    finally:
-        _AT_MOST_ONCE.reset(token)
 
 
 class _NormalizeWithStatistics(torch.autograd.Function):
@@ -242,7 +217,7 @@ def _task_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, w_dim: int | 
 
 
 def _batch_norm_with_batch_stats(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
-    if _AT_MOST_ONCE.get():
+    if native_kernels():
         if _channels_last(x):
             # Copy only then: under vmap, contiguous() would also copy a grouped
             # convolution's output.
@@ -258,7 +233,7 @@ def _batch_norm_with_batch_stats(module: nn.modules.batchnorm._BatchNorm, x: tor
 def _instance_norm_with_instance_stats(module: nn.modules.instancenorm._InstanceNorm,
                                        x: torch.Tensor):
     channel_dim = x.ndim - module._get_no_batch_dim()  # 0 for unbatched input
-    if _AT_MOST_ONCE.get():
+    if native_kernels():
         weight, bias = (module.weight, module.bias) if module.affine else (None, None)
         batched = x if channel_dim else x.unsqueeze(0)
         out = F.instance_norm(batched, None, None, weight, bias, True, 0.0, module.eps)
@@ -271,7 +246,7 @@ def _instance_norm_with_instance_stats(module: nn.modules.instancenorm._Instance
 
 
 def _layer_norm(module: nn.LayerNorm, x: torch.Tensor):
-    if _AT_MOST_ONCE.get():
+    if native_kernels():
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
     # The Function centres x before scaling (x * rstd - mean * rstd had up to 1.7x the native
     # layer's float32 error in the second derivative) and keeps only x and the statistics.

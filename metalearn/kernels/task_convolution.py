@@ -5,16 +5,17 @@ as one grouped convolution with a cheap double backward for small ones.
 convolution. On CPU that wins for small per-task batches (MAML's 5-image support sets) and
 loses for large ones: with 75 query images per task, the forward and backward of 32 tasks'
 grouped convolutions take 2x as long as 32 plain ones on Conv4's layers
-(``benchmarks/task_convolution_crossover.py``). Here the convolution is a Function whose vmap
-rule loops over tasks with the native kernel when a task's batch has at least
-:data:`PER_TASK_MIN_BATCH` examples (on CPU; elsewhere a loop pays one launch per task), so
-each level of autograd below it records native per-task convolution nodes. Below that it
-merges the tasks into the groups of one convolution itself, as ``vmap`` would, but records
-this module's Functions rather than the native convolution: torch's double backward of a
-grouped convolution (``_convolution_double_backward``) computes its weight term one group
-at a time, 32 small convolutions and a ``cat`` per layer, where the written-out backward of
-:class:`_Conv2dBackward` is one grouped convolution per term. The backward is a Function
-of the same kind, so an inner-loop gradient taken under ``vmap`` is batched the same way.
+(``benchmarks/task_convolution_crossover.py``). Here the convolution is a Function whose
+vmap rule loops over tasks with the native kernel when a task's batch has at least
+``KernelSettings.per_task_min_batch`` examples (on CPU; elsewhere a loop pays one launch per
+task), so each level of autograd below it records native per-task convolution nodes. Below
+that it merges the tasks into the groups of one convolution itself, as ``vmap`` would, but
+records this module's Functions rather than the native convolution: torch's double backward
+of a grouped convolution (``_convolution_double_backward``) computes its weight term one
+group at a time, 32 small convolutions and a ``cat`` per layer, where the written-out
+backward of :class:`_Conv2dBackward` is one grouped convolution per term. The backward is a
+Function of the same kind, so an inner-loop gradient taken under ``vmap`` is batched the
+same way.
 
 Under ``torch.compile`` the vmap rules run eagerly: dynamo traces them as frames of their
 own, and torch 2.13's inductor fails on them once their shapes turn dynamic ("cannot
@@ -30,15 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.algorithms.layer_swap import swapped_forwards, task_first
-from metalearn.algorithms.norm_layers import at_most_once
-
-# Per-task batch from which the loop beats the grouped convolution on Conv4's layers on a
-# 2-core CPU (task_convolution_crossover.json: about even at 20 images, 1.8x faster at 40).
-PER_TASK_MIN_BATCH = 32
-# Whether small per-task batches are merged into groups here (False: left to vmap's own
-# grouped rule and torch's double backward; benchmarks/grouped_double_backward.py times both).
-TASKS_AS_GROUPS = True
+from metalearn.kernels.layer_swap import swapped_forwards, task_first
+from metalearn.kernels.settings import current_settings, native_kernels
 
 
 def _conv_backward(g, x, w, stride, padding, dilation, groups, mask=(True, True, True)):
@@ -52,7 +46,7 @@ def _per_task_loop(x: torch.Tensor) -> bool:
 
 
 def _large(per_task_batch: int, device: torch.device) -> bool:
-    return per_task_batch >= PER_TASK_MIN_BATCH and device.type == "cpu"
+    return per_task_batch >= current_settings().per_task_min_batch and device.type == "cpu"
 
 
 def _masked(dims: tuple[int, int, int], mask: tuple[bool, ...]) -> tuple[int | None, ...]:
@@ -216,7 +210,7 @@ def _conv2d_forward(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     # nothing is differentiated twice (first-order inner loops, evaluation), torch's double
     # backward never runs, and vmap's own grouped rule costs less Python per call.
     if x.ndim == 4 and (_large(x.shape[0], x.device)
-                        or (TASKS_AS_GROUPS and not at_most_once())):
+                        or (current_settings().tasks_as_groups and not native_kernels())):
         return _Conv2d.apply(x, module.weight, module.bias, module.stride, module.padding,
                              module.dilation, module.groups)
     return module._conv_forward(x, module.weight, module.bias)
@@ -227,7 +221,7 @@ def per_task_convolutions(model: nn.Module) -> Iterator[None]:
     """Run the model's ``nn.Conv2d`` layers under vmap as this module's Functions.
 
     Only zero-padded convolutions on batched (4-d) input are affected: task by task on CPU
-    with at least :data:`PER_TASK_MIN_BATCH` examples per task, else merged into groups;
+    with at least ``KernelSettings.per_task_min_batch`` examples per task, else merged into groups;
     the results are the same as the native layer's, to round-off.
     """
     with swapped_forwards(model, _swap_for):
