@@ -1,4 +1,4 @@
-"""The code in the docs runs (so the docs cannot rot).
+"""The code in the README and the docs runs (so the docs cannot rot).
 
 Every fenced ``python`` or ``bash`` block of the pages below runs, top to bottom, each group
 of pages in a fresh interpreter and a fresh working folder (a tutorial is a group of its
@@ -31,6 +31,7 @@ def _pages(folder: str) -> list[str]:
 
 
 GROUPS = {
+    "README.md": ["README.md"],
     "getting-started": ["docs/getting-started.md"],
     **{Path(page).stem: [page] for page in _pages("docs/tutorials")},
     "algorithms and performance": [*_pages("docs/algorithms"), "docs/performance.md"],
@@ -104,7 +105,7 @@ def test_blocks_are_found():
     """Every group has runnable code, and the tutorials are all there."""
     for name, pages in GROUPS.items():
         assert any(code_blocks(page) for page in pages), f"{name} has no runnable code block"
-    assert len(GROUPS) >= 8
+    assert len(GROUPS) >= 9
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -117,3 +118,28 @@ def test_code_runs(group, tmp_path):
     result = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(blocks),
                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, f"{group}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+def _anchors(page: Path) -> set[str]:
+    """The heading anchors of a Markdown page, as GitHub and MkDocs both spell them."""
+    anchors, fenced = set(), False
+    for line in page.read_text().splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"\s+", "-", re.sub(r"[^\w\s-]", "", title)))
+    return anchors
+
+
+def test_readme_links_resolve():
+    """The README's links into the repository name files (and headings) that exist."""
+    links = re.findall(r"\]\(([^)\s]+)\)", (ROOT / "README.md").read_text())
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 10
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path
+        assert target.exists(), f"README links {link}, which does not exist"
+        if anchor:
+            assert anchor in _anchors(target), f"README links {link}: no such heading"
