@@ -1,15 +1,15 @@
 """The code in the README and the docs runs (so the docs cannot rot).
 
 Every fenced ``python`` or ``bash`` block of the pages below runs, top to bottom, each group
-of pages in a fresh interpreter and a fresh working folder (a tutorial is a group of its
-own; the algorithm pages, whose examples are a few lines each, share one): the ``python``
-blocks of a group share one namespace, so a later block may use what an earlier one
-defined, and each command of a
-``bash`` block must exit with 0 (a ``metalearn ...`` line is run in-process through
-``metalearn.cli.main``, which saves starting Python and importing torch for every
-command; any other line goes to the shell). A block is skipped only when the line just
-above its opening fence is ``<!-- docs-test: skip -->`` (installs, downloads, runs of
-hours). Blocks of any other language (``text``, ``console``, ...) are not run.
+of pages in a fresh working folder and a fresh namespace (a tutorial is a group of its own;
+the algorithm pages, whose examples are a few lines each, share one). The ``python`` blocks
+of a group share that namespace, so a later block may use what an earlier one defined, and
+each command of a ``bash`` block must exit with 0: a ``metalearn ...`` line runs in-process
+through ``metalearn.cli.main``, any other line in the shell. All groups run in one child
+interpreter, which imports torch once (most of the cost of a short page). A block is
+skipped only when the line just above its opening fence is ``<!-- docs-test: skip -->``
+(installs, downloads, runs of hours); blocks of any other language (``text``, ``console``,
+...) are not run.
 """
 
 from __future__ import annotations
@@ -40,15 +40,17 @@ SKIP = "<!-- docs-test: skip -->"
 RUNNABLE = {"python": "python", "py": "python", "bash": "shell", "sh": "shell"}
 FENCE = re.compile(r"^(`{3,})\s*([\w-]*)")
 
+# The child interpreter: reads {group: [block, ...]} on stdin, runs each group in a fresh
+# folder and namespace, and ends with one line "FAILURES {group: traceback}".
 RUNNER = r'''
-import json, os, shlex, subprocess, sys
+import json, os, shlex, subprocess, sys, tempfile, traceback
 
-blocks = json.load(sys.stdin)
-namespace = {"__name__": "__main__"}
+groups = json.load(sys.stdin)
+top = os.getcwd()
 
 
 def commands(text):
-    """The block's commands: continuation lines joined, comments and blank lines dropped."""
+    # The block's commands: continuation lines joined, comments and blank lines dropped.
     line = ""
     for raw in text.splitlines():
         line += raw
@@ -60,22 +62,35 @@ def commands(text):
         line = ""
 
 
-for block in blocks:
-    print(f"=== {block['where']}", flush=True)
-    if block["kind"] == "python":
-        exec(compile(block["code"], block["where"], "exec"), namespace)
-        continue
-    for command in commands(block["code"]):
-        print(f"$ {command}", flush=True)
-        argv = shlex.split(command, comments=True)
-        if argv[0] == "metalearn":
-            from metalearn.cli import main
+def run(blocks):
+    namespace = {"__name__": "__main__"}
+    for block in blocks:
+        print(f"=== {block['where']}", flush=True)
+        if block["kind"] == "python":
+            exec(compile(block["code"], block["where"], "exec"), namespace)
+            continue
+        for command in commands(block["code"]):
+            print(f"$ {command}", flush=True)
+            argv = shlex.split(command, comments=True)
+            if argv[0] == "metalearn":
+                from metalearn.cli import main
 
-            code = main(argv[1:])
-        else:
-            code = subprocess.run(command, shell=True).returncode
-        if code:
-            sys.exit(f"{block['where']}: `{command}` exited with {code}")
+                code = main(argv[1:])
+            else:
+                code = subprocess.run(command, shell=True).returncode
+            if code:
+                raise RuntimeError(f"{block['where']}: `{command}` exited with {code}")
+
+
+failures = {}
+for name, blocks in groups.items():
+    os.chdir(tempfile.mkdtemp(dir=top))
+    try:
+        run(blocks)
+    except BaseException:  # SystemExit from argparse too
+        failures[name] = traceback.format_exc()
+        print(failures[name], flush=True)
+print("FAILURES " + json.dumps(failures), flush=True)
 '''
 
 
@@ -101,6 +116,8 @@ def code_blocks(page: str) -> list[dict]:
     return blocks
 
 
+
+
 def test_blocks_are_found():
     """Every group has runnable code, and the tutorials are all there."""
     for name, pages in GROUPS.items():
@@ -108,16 +125,28 @@ def test_blocks_are_found():
     assert len(GROUPS) >= 9
 
 
-@pytest.mark.parametrize("group", GROUPS)
-def test_code_runs(group, tmp_path):
-    blocks = [block for page in GROUPS[group] for block in code_blocks(page)]
+@pytest.fixture(scope="module")
+def docs_run(tmp_path_factory):
+    """Every group's blocks, run in one child interpreter: its output, failures by group."""
     env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            # torchrun and other console scripts of this interpreter's environment
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    blocks = {name: [block for page in pages for block in code_blocks(page)]
+              for name, pages in GROUPS.items()}
     result = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(blocks),
-                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-    assert result.returncode == 0, f"{group}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+                            capture_output=True, text=True, env=env, timeout=900,
+                            cwd=tmp_path_factory.mktemp("docs"))
+    lines = result.stdout.strip().splitlines()
+    assert lines and lines[-1].startswith("FAILURES "), (
+        f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result.stdout, json.loads(lines[-1][len("FAILURES "):])
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_code_runs(group, docs_run):
+    output, failures = docs_run
+    assert group not in failures, f"{group}:\n{failures[group]}"
 
 
 def _anchors(page: Path) -> set[str]:
