@@ -34,7 +34,7 @@ VARIANT_DEFAULTS: dict[str, dict] = {
 # A variant's settings for one dataset, before its VARIANT_DEFAULTS. iMAML on Omniglot: the
 # paper's lambda 2, and the inner lr that won a validation search at that lambda
 # (benchmarks/results/imaml_inner_lr_search.json); MAML's 0.4 leaves the proximal inner
-# problem unconverged (see the README).
+# problem unconverged (see docs/algorithms/imaml.md).
 VARIANT_DATASET_DEFAULTS: dict[tuple[str, str], dict] = {
     ("omniglot", "imaml"): dict(imaml_lambda=2.0, inner_lr=0.025),
 }
