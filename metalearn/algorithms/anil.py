@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,7 +70,8 @@ class ANIL(MetaLearner):
             parameters of the model's last module that has any (``classifier`` in
             :class:`~metalearn.models.Conv4`, the output ``Linear`` of an MLP).
         first_order: treat the head's inner gradients as constants.
-        loss and its options: as for :class:`~metalearn.MAML`.
+        loss: as for :class:`~metalearn.MAML`.
+        **loss_options: as for :class:`~metalearn.MAML`.
 
     Example:
         >>> import torch
@@ -91,7 +93,7 @@ class ANIL(MetaLearner):
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
                  inner_params: InnerSelection = None, first_order: bool = False,
-                 loss: TaskLoss | None = None, **loss_options) -> None:
+                 loss: TaskLoss | None = None, **loss_options: Any) -> None:
         super().__init__(model, inner_lr, inner_steps, first_order, loss, **loss_options)
         self.inner_names = select_parameters(model, inner_params)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,13 +51,14 @@ class MetaLearner(nn.Module):
         inner_steps: inner steps during meta-training.
         first_order: take the inner gradients as constants in the meta-gradient.
         loss: a :class:`~metalearn.algorithms.losses.TaskLoss`; or give its options
-            (``inner_flood``, ``outer_flood``, ``flood_mode``, ``label_smoothing``) as
-            keyword arguments.
+            instead:
+        **loss_options: ``inner_flood``, ``outer_flood``, ``flood_mode``,
+            ``label_smoothing`` (see :class:`~metalearn.algorithms.losses.TaskLoss`).
     """
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
                  first_order: bool = False, loss: TaskLoss | None = None,
-                 **loss_options) -> None:
+                 **loss_options: Any) -> None:
         super().__init__()
         fmodel = FunctionalModel(model)  # checks the model first
         if loss is not None and loss_options:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.func import grad, vmap
@@ -39,7 +41,8 @@ class IMAML(MetaLearner):
         lam: the proximal strength lambda (> 0); large values keep phi near theta.
         cg_steps: conjugate-gradient iterations; 0 skips the solve and uses the
             first-order gradient ``grad L_query(phi)``.
-        loss and its options: as for :class:`~metalearn.MAML`.
+        loss: as for :class:`~metalearn.MAML`.
+        **loss_options: as for :class:`~metalearn.MAML`.
 
     Example:
         >>> import torch
@@ -57,7 +60,7 @@ class IMAML(MetaLearner):
     """
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int, lam: float = 1.0,
-                 cg_steps: int = 5, loss: TaskLoss | None = None, **loss_options) -> None:
+                 cg_steps: int = 5, loss: TaskLoss | None = None, **loss_options: Any) -> None:
         super().__init__(model, inner_lr, inner_steps, loss=loss, **loss_options)
         self.lam = check_lr("lam", lam)
         self.cg_steps = check_steps("cg_steps", cg_steps)

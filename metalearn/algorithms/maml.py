@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.func import grad, vmap
@@ -35,9 +37,10 @@ class MAML(MetaLearner):
             about one more inner forward and backward per step. Needs
             ``first_order=False``. With dropout the masks are reproduced by restoring the
             RNG state. :meth:`adapt` and :meth:`predict` are unaffected.
-        loss: a :class:`~metalearn.algorithms.losses.TaskLoss`, or its options as keyword
-            arguments: ``inner_flood`` (flood level b of the support loss; ``None`` or 0 is
-            off), ``outer_flood`` (of the query loss), ``flood_mode`` (``"batch"``:
+        loss: the task losses, a :class:`~metalearn.algorithms.losses.TaskLoss`; or give
+            its options instead:
+        **loss_options: ``inner_flood`` (flood level b of the support loss; ``None`` or 0
+            is off), ``outer_flood`` (of the query loss), ``flood_mode`` (``"batch"``:
             flooding, Ishida et al. 2020; ``"instance"``: iFlood, Xie et al. 2022) and
             ``label_smoothing``.
 
@@ -63,7 +66,7 @@ class MAML(MetaLearner):
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
                  first_order: bool = False, memory_saving: bool = False,
-                 loss: TaskLoss | None = None, **loss_options) -> None:
+                 loss: TaskLoss | None = None, **loss_options: Any) -> None:
         super().__init__(model, inner_lr, inner_steps, first_order, loss, **loss_options)
         self.memory_saving = memory_saving
 
@@ -118,7 +121,9 @@ class FOMAML(MAML):
     updates did not depend on the initialisation. Memory stays flat in ``inner_steps``.
 
     Args:
-        model, inner_lr, inner_steps, loss and its options: as for :class:`MAML`.
+        model, inner_lr, inner_steps: as for :class:`MAML`.
+        **kwargs: MAML's other arguments: ``memory_saving`` (which needs second order, so
+            raises here), ``loss`` and its options.
 
     Example:
         >>> import torch

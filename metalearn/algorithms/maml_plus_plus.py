@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,7 +85,8 @@ class MAMLPlusPlus(MetaLearner):
         first_order_iterations: iterations trained first order before switching to second
             order (0: second order from the start).
         per_step_bn: per-step BatchNorm weights and biases.
-        loss and its options: as for :class:`~metalearn.MAML`.
+        loss: as for :class:`~metalearn.MAML`.
+        **loss_options: as for :class:`~metalearn.MAML`.
 
     Example:
         >>> import torch
@@ -113,7 +115,7 @@ class MAMLPlusPlus(MetaLearner):
         first_order_iterations: int = 0,
         per_step_bn: bool = True,
         loss: TaskLoss | None = None,
-        **loss_options,
+        **loss_options: Any,
     ) -> None:
         super().__init__(model, inner_lr, inner_steps, first_order, loss, **loss_options)
         if check_steps("msl_iterations", msl_iterations) < 1:

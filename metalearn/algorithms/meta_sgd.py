@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -30,7 +32,8 @@ class MetaSGD(MetaLearner):
         inner_lr: initial value of every per-element learning rate.
         inner_steps: inner steps during meta-training (the paper uses 1).
         first_order: treat inner gradients as constants (the rates still get a gradient).
-        loss and its options: as for :class:`~metalearn.MAML`.
+        loss: as for :class:`~metalearn.MAML`.
+        **loss_options: as for :class:`~metalearn.MAML`.
 
     Example:
         >>> import torch
@@ -48,7 +51,7 @@ class MetaSGD(MetaLearner):
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
                  first_order: bool = False, loss: TaskLoss | None = None,
-                 **loss_options) -> None:
+                 **loss_options: Any) -> None:
         super().__init__(model, inner_lr, inner_steps, first_order, loss, **loss_options)
         self.learned = nn.ParameterDict({
             param_key(n): nn.Parameter(torch.full_like(p.detach(), self.inner_lr))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,8 +60,9 @@ class Reptile(MetaLearner):
         adam_eps: Adam's epsilon.
         generator: random source of the mini-batches (default: torch's global one); also
             the attribute ``learner.generator``.
-        loss and its options: as for :class:`~metalearn.MAML`, except ``outer_flood``
-            (Reptile has no outer loss).
+        loss: as for :class:`~metalearn.MAML`.
+        **loss_options: as for :class:`~metalearn.MAML`, except ``outer_flood`` (Reptile
+            has no outer loss).
 
     Example:
         >>> import torch
@@ -87,7 +89,7 @@ class Reptile(MetaLearner):
         adam_eps: float = 1e-8,
         generator: torch.Generator | None = None,
         loss: TaskLoss | None = None,
-        **loss_options,
+        **loss_options: Any,
     ) -> None:
         if loss_options.get("outer_flood") is not None:
             raise TypeError("Reptile has no outer loss to flood: outer_flood does not apply")
