@@ -35,7 +35,8 @@ from metalearn.config import (
 from metalearn.distributed import DistContext
 from metalearn.evaluation import EvaluationResult, evaluate
 
-CHECKPOINT_FORMAT = 1
+# 2: the same entries as 1, plus the content digest that save_checkpoint adds.
+CHECKPOINT_FORMAT = 2
 # Settings that may differ between a run and its resumption.
 # memory_saving changes how the meta-gradient is computed, not its value.
 RESUMABLE_CHANGES = {"device", "data_root", "iterations", "patience", "memory_saving"}
