@@ -1,5 +1,8 @@
-"""Issue #33 for checkpoints: a content digest checked on load, non-finite models refused.
-Each test fails on the code before the issue."""
+"""Issue #33 for checkpoints: a content digest checked on load, non-finite models refused,
+and a non-finite run that says what it keeps. Each test fails on the code before the issue."""
+
+import json
+import math
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ import torch
 from metalearn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metalearn.cli import main
 from metalearn.models import MLP
-from metalearn.training import train
+from metalearn.training import NonFiniteError, train
 
 FAST = dict(dataset="sine", iterations=20, val_every=10, val_tasks=10, meta_batch=5)
 
@@ -107,3 +110,66 @@ def test_eval_of_a_non_finite_checkpoint_exits_1(tmp_path, capsys):
                  "--no-progress", "--no-malloc-reuse"])
     err = capsys.readouterr()
     assert code == 1 and "non-finite values" in err.err and "nan" not in err.out
+
+
+def test_non_finite_validation_is_never_best(tmp_path):
+    path = tmp_path / "a.pt"
+    # The update of iteration 1 makes validation inf/NaN; iteration 2's loss then stops it.
+    with pytest.raises(NonFiniteError) as info:
+        train(progress=False, checkpoint=path, **{**FAST, "val_every": 1, "outer_lr": 1e9})
+    records = [json.loads(x) for x in path.with_suffix(".jsonl").read_text().splitlines()]
+    assert records[0]["split"] == "val" and not math.isfinite(records[0]["mse"])
+    assert not path.with_suffix(".best.pt").exists()
+    assert load_checkpoint(path)["best"] is None
+    assert f"the checkpoint {path} (iteration 1) is kept" in str(info.value)
+    assert "no best model" in str(info.value)
+
+
+def test_non_finite_stop_says_when_no_checkpoint_exists(tmp_path):
+    path = tmp_path / "a.pt"
+    with pytest.raises(NonFiniteError) as info:
+        train(progress=False, checkpoint=path, **{**FAST, "inner_lr": 1e30, "inner_steps": 3})
+    assert "no checkpoint was written yet" in str(info.value)
+    assert "is kept" not in str(info.value) and not path.exists()
+
+
+def test_non_finite_stop_names_the_checkpoint_and_best_kept(tmp_path, monkeypatch):
+    path = tmp_path / "a.pt"
+    real_step = torch.optim.Adam.step
+    calls = []
+
+    def step_then_poison(self, *args, **kwargs):  # the loss turns NaN after iteration 12
+        calls.append(1)
+        out = real_step(self, *args, **kwargs)
+        if len(calls) == 12:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_poison)
+    with pytest.raises(NonFiniteError) as info:
+        train(progress=False, checkpoint=path, **FAST)
+    message = str(info.value)
+    assert "at iteration 13" in message
+    assert f"the checkpoint {path} (iteration 10) is kept" in message
+    assert f"the best model {path.with_suffix('.best.pt')} (iteration 10)" in message
+    assert load_checkpoint(path)["iteration"] == 10
+
+
+def test_a_model_made_non_finite_by_an_update_is_not_saved(tmp_path, monkeypatch):
+    path = tmp_path / "a.pt"
+    real_step = torch.optim.Adam.step
+    calls = []
+
+    def overflow_at_10(self, *args, **kwargs):  # finite gradients, an overflowing update
+        calls.append(1)
+        out = real_step(self, *args, **kwargs)
+        if len(calls) == 10:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].mul_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", overflow_at_10)
+    with pytest.raises(NonFiniteError, match="after the update of iteration 10; no checkpoint"):
+        train(progress=False, checkpoint=path, **FAST)
+    assert not path.exists() and not path.with_suffix(".best.pt").exists()
