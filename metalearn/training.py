@@ -35,6 +35,7 @@ from metalearn.config import (
 )
 from metalearn.distributed import DistContext
 from metalearn.evaluation import EvaluationResult, evaluate
+from metalearn.run_files import claim_checkpoint
 
 # 2: the same entries as 1, plus the content digest that save_checkpoint adds.
 CHECKPOINT_FORMAT = 2
@@ -163,6 +164,7 @@ def train(
     *,
     checkpoint: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log_every: int = 50,
     **overrides,
@@ -174,13 +176,21 @@ def train(
             its fields (``train(dataset="sine", iterations=100)`` works without one).
         checkpoint: path of the latest-state checkpoint, written atomically at every
             validation; the best model goes to ``<stem>.best.pt`` and a JSON-lines log to
-            ``<stem>.jsonl`` beside it. ``None`` writes nothing.
+            ``<stem>.jsonl`` beside it. ``None`` writes nothing. The path is checked before
+            anything is built, and locked for the run (``<checkpoint>.lock``); see
+            :func:`metalearn.run_files.claim_checkpoint`.
         resume: continue from ``checkpoint`` (model, optimiser, schedule, iteration,
             sampler and RNG states), so the result equals an uninterrupted run.
+        overwrite: start afresh on a ``checkpoint`` that already holds a run, deleting its
+            checkpoint, best model and log first; without it (or ``resume``) such a path is
+            refused.
         progress: show a tqdm progress bar.
         log_every: iterations between log records.
 
     Raises:
+        metalearn.run_files.CheckpointPathError: a ``checkpoint`` that cannot be written,
+            or that holds another run without ``resume`` or ``overwrite``.
+        metalearn.run_files.CheckpointBusyError: another live run holds ``checkpoint``.
         NonFiniteError: the loss, a gradient or the model stopped being finite.
 
     Example:
@@ -192,6 +202,16 @@ def train(
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides).resolved()
     ctx = DistContext.from_env(cfg.device)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    # Before anything is built: a bad path fails now, not at the first save. Only rank 0
+    # writes, so only rank 0 checks and locks.
+    with claim_checkpoint(ckpt, companion_paths, resume=resume, overwrite=overwrite,
+                          writer=ctx.is_main):
+        return _train(cfg, ctx, ckpt, resume, progress, log_every)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, ckpt: Path | None, resume: bool,
+           progress: bool, log_every: int) -> TrainResult:
     device = ctx.device
     _seed_everything(cfg.seed)
     model = build_model(cfg).to(device)
@@ -214,7 +234,6 @@ def train(
     val_shard = val_tasks[val_offset: val_offset + val_count]
     higher_is_better = validation_metric(cfg.dataset)[1]
 
-    ckpt = Path(checkpoint) if checkpoint is not None else None
     best_path, log_path = companion_paths(ckpt) if ckpt else (None, None)
     if not ctx.is_main:  # only rank 0 writes
         best_path = log_path = None
