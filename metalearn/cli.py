@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     from metalearn.data.omniglot_archive import OmniglotError
 
     parser = args.command_parser
+    _one_line_cache_warnings(args.command)
     try:
         if args.command == "train":
             return _train(args, parser)
@@ -243,6 +244,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nmetalearn {args.command}: interrupted; checkpoints on disk are intact",
               file=sys.stderr)
         return 130
+
+
+def _one_line_cache_warnings(command: str) -> None:
+    """Print a rebuilt cache as one ``metalearn CMD: warning: ...`` line, not Python's
+    two-line warning with a source line; other warnings keep their usual form."""
+    import warnings
+
+    from metalearn.data.array_cache import CacheWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CacheWarning):
+            print(f"metalearn {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def _train(args, parser) -> int:
