@@ -2,25 +2,34 @@
 
     python benchmarks/bad_inputs.py > benchmarks/results/bad_inputs.md
 
-The README's bad-input table is this output; tests/ checks each case separately.
+The bad-input table of docs/faults.md is this output; tests/ checks each case separately.
+Root may write in a read-only folder, so run as root the read-only-folder case runs the
+command in this process with ``os.access`` denying that folder, as it is for other users.
+Paths under the temporary folder print as <tmp>, process ids as <pid>.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from metalearn import MAML, Reptile
+from metalearn import MAML, Reptile, train
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
 from metalearn.data import OmniglotTasks, SineTasks, TaskBatch
+from metalearn.data.array_cache import digest_path, load_array, save_array
 from metalearn.models import MLP, Conv4
+from metalearn.run_files import claim_checkpoint
 
 
 def python_case(fn) -> str:
@@ -31,9 +40,39 @@ def python_case(fn) -> str:
     return "(no error)"
 
 
+def warning_case(fn) -> str:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return "; ".join(f"{w.category.__name__}: {w.message}" for w in caught) or "(no warning)"
+
+
+def read_only_case(folder: Path, *args: str) -> str:
+    """The command on a read-only ``folder``; as root (who may write there anyway) run in
+    this process with ``os.access`` saying what it says to other users."""
+    if os.geteuid() != 0:
+        return cli_case(*args)
+    from metalearn.cli import main
+
+    real, err = os.access, io.StringIO()
+    os.access = lambda p, *a, **k: str(p) != str(folder) and real(p, *a, **k)
+    try:
+        with contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:
+                code = exit_.code
+    finally:
+        os.access = real
+    lines = err.getvalue().strip().splitlines()
+    start = next((i for i, x in enumerate(lines) if "error:" in x), 0)
+    return f"exit {code}: " + " ".join(x.strip() for x in lines[start:] if x.strip())
+
+
 def cli_case(*args: str) -> str:
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "metalearn", *args], capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
+                       text=True, timeout=300, env=env)
     err = r.stderr.strip().splitlines()
     # Skip the (wrapped) usage text: the message starts at the line naming the error.
     start = next((i for i, x in enumerate(err) if "error:" in x), 0)
@@ -59,7 +98,42 @@ def main() -> None:
     save_checkpoint(tmp / "sine.pt", {"format": 1, "config": {"dataset": "sine"},
                                       "model": MLP().state_dict(), "iteration": 1})
     (tmp / "corrupt.pt").write_bytes(b"\x00" * 64)
-    good = sys.argv[1] if len(sys.argv) > 1 else None
+    good = sys.argv[1] if len(sys.argv) > 1 else str(tmp / "sine_maml.pt")
+    if len(sys.argv) == 1:
+        train(dataset="sine", iterations=2, val_every=2, val_tasks=5, progress=False,
+              checkpoint=good)
+    # A checkpoint with 4 bytes changed inside a tensor, and one whose weights are NaN.
+    state = load_checkpoint(good)
+    raw = bytearray(Path(good).read_bytes())
+    at = raw.find(state["model"]["2.weight"].numpy().tobytes()) + 100
+    raw[at: at + 4] = b"\x01\x02\x03\x04"
+    (tmp / "edited.pt").write_bytes(bytes(raw))
+    state["model"]["0.weight"].fill_(float("nan"))
+    save_checkpoint(tmp / "nan.pt", state)
+    # Decoded-image caches (small stand-ins for the Omniglot one): damaged in three ways.
+    shape = (4, 20, 28, 28)
+    for name in ("pixels", "empty", "nodigest"):
+        save_array(tmp / f"{name}.npy", np.zeros(shape, np.uint8))
+    raw = bytearray((tmp / "pixels.npy").read_bytes())
+    raw[-20000:] = b"\xff" * 20000
+    (tmp / "pixels.npy").write_bytes(bytes(raw))
+    (tmp / "empty.npy").write_bytes(b"")
+    digest_path(tmp / "nodigest.npy").unlink()
+    (tmp / "folder").mkdir()
+    (tmp / "file").write_text("x")
+    readonly = tmp / "readonly"
+    readonly.mkdir(mode=0o555)
+    run = tmp / "run.pt"
+    train(dataset="sine", iterations=2, val_every=2, val_tasks=5, progress=False,
+          checkpoint=run)
+
+    def cache(name: str):
+        return lambda: load_array(tmp / f"{name}.npy", shape, np.uint8,
+                                  what="the Omniglot cache", source="the zips")
+
+    def busy() -> str:
+        with claim_checkpoint(run, resume=True):  # as a running `train --resume` holds it
+            return cli_case("train", "--iterations", "2", "--checkpoint", str(run))
 
     cases = [
         ("ways larger than the split", lambda: OmniglotTasks(split="val", ways=200)),
@@ -86,8 +160,23 @@ def main() -> None:
         ("model with no trainable parameters", lambda: MAML(MLP().requires_grad_(False),
                                                             0.01, 1)),
         ("corrupt checkpoint", lambda: load_checkpoint(tmp / "corrupt.pt")),
+        ("checkpoint with 4 bytes changed in a tensor", lambda: load_checkpoint(
+            tmp / "edited.pt")),
+        ("checkpoint with NaN weights", lambda: load_checkpoint(tmp / "nan.pt")),
+        ("train(checkpoint=<a directory>)", lambda: train(
+            dataset="sine", progress=False, checkpoint=tmp / "folder")),
+        ("train(checkpoint=<a run's checkpoint>) without resume or overwrite", lambda: train(
+            dataset="sine", progress=False, checkpoint=run)),
+        ("NaN loss before the first checkpoint", lambda: train(
+            dataset="sine", inner_lr=1e30, inner_steps=3, progress=False,
+            checkpoint=tmp / "diverged.pt")),
     ]
     rows = [(what, python_case(fn)) for what, fn in cases]
+    rows += [
+        ("decoded-image cache with pixel bytes overwritten", warning_case(cache("pixels"))),
+        ("decoded-image cache of 0 bytes", warning_case(cache("empty"))),
+        ("decoded-image cache without its digest file", warning_case(cache("nodigest"))),
+    ]
     rows += [
         ("CLI: unknown algorithm", cli_case("train", "--algorithm", "mamal")),
         ("CLI: --ways 0", cli_case("train", "--ways", "0")),
@@ -103,12 +192,34 @@ def main() -> None:
         ("CLI: corrupt checkpoint", cli_case("eval", "--checkpoint", str(tmp / "corrupt.pt"))),
         ("CLI: checkpoint of another config", cli_case(
             "train", "--inner-lr", "0.05", "--iterations", "2", "--checkpoint",
-            str(good), "--resume") if good else "(pass a checkpoint path to try this)"),
+            str(good), "--resume")),
+        ("CLI: eval of a checkpoint with NaN weights", cli_case(
+            "eval", "--checkpoint", str(tmp / "nan.pt"))),
+        ("CLI: --checkpoint names a directory", cli_case(
+            "train", "--iterations", "2", "--checkpoint", str(tmp / "folder"))),
+        ("CLI: --resume on a directory", cli_case(
+            "train", "--iterations", "2", "--checkpoint", str(tmp / "folder"), "--resume")),
+        ("CLI: --checkpoint under a regular file", cli_case(
+            "train", "--iterations", "2", "--checkpoint", str(tmp / "file" / "run.pt"))),
+        ("CLI: --checkpoint in a read-only folder", read_only_case(
+            readonly, "train", "--iterations", "2", "--no-malloc-reuse", "--checkpoint",
+            str(readonly / "run.pt"))),
+        ("CLI: --checkpoint with a 240-byte file name", cli_case(
+            "train", "--iterations", "2", "--checkpoint", str(tmp / ("n" * 237 + ".pt")))),
+        ("CLI: fresh run on a --checkpoint that holds a run", cli_case(
+            "train", "--iterations", "2", "--checkpoint", str(run))),
+        ("CLI: --resume --overwrite", cli_case(
+            "train", "--iterations", "2", "--checkpoint", str(run), "--resume", "--overwrite")),
+        ("CLI: second run on a --checkpoint in use", busy()),
+        ("CLI: --outer-lr 1e9 --val-every 1 (diverges)", cli_case(
+            "train", "--outer-lr", "1e9", "--val-every", "1", "--val-tasks", "5",
+            "--iterations", "5", "--checkpoint", str(tmp / "diverge.pt"))),
     ]
     print("| bad input | what you get |")
     print("|---|---|")
     for what, msg in rows:
-        msg = msg.replace("|", "\\|").replace(str(tmp), "<tmp>")
+        msg = msg.replace("|", "\\|").replace(str(tmp), "<tmp>").replace("n" * 237, "n…n")
+        msg = re.sub(rf"PID {os.getpid()}\b", "PID <pid>", msg)
         print(f"| {what} | {msg} |")
 
 

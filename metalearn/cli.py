@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint", type=Path, help="checkpoint path (default: "
                     "runs/<dataset>_<algorithm>.pt)")
     tr.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    tr.add_argument("--overwrite", action="store_true", help="start afresh on a --checkpoint "
+                    "that already holds a run, deleting its checkpoint, best model and log "
+                    "(without it, or --resume, such a path is refused)")
     tr.add_argument("--val-every", type=_positive_int, default=500)
     tr.add_argument("--val-tasks", type=_positive_int, default=100)
     tr.add_argument("--patience", type=_positive_int, help="stop after this many validations "
@@ -225,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     from metalearn.data.omniglot_archive import OmniglotError
 
     parser = args.command_parser
+    _one_line_cache_warnings(args.command)
     try:
         if args.command == "train":
             return _train(args, parser)
@@ -242,7 +246,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _one_line_cache_warnings(command: str) -> None:
+    """Print a rebuilt cache as one ``metalearn CMD: warning: ...`` line, not Python's
+    two-line warning with a source line; other warnings keep their usual form."""
+    import warnings
+
+    from metalearn.data.array_cache import CacheWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CacheWarning):
+            print(f"metalearn {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def _train(args, parser) -> int:
+    from metalearn.run_files import CLI, CheckpointBusyError, CheckpointPathError
     from metalearn.training import NonFiniteError, train
 
     try:
@@ -251,10 +274,14 @@ def _train(args, parser) -> int:
     except ValueError as err:
         parser.error(str(err))
     ckpt = args.checkpoint or Path("runs") / f"{cfg.dataset}_{cfg.algorithm}.pt"
-    if args.resume and not ckpt.exists():
-        parser.error(f"--resume: no checkpoint at {ckpt}")
-    try:
-        result = train(cfg, checkpoint=ckpt, resume=args.resume, progress=not args.no_progress)
+    try:  # the path is checked and locked before the first iteration
+        result = train(cfg, checkpoint=ckpt, resume=args.resume, overwrite=args.overwrite,
+                       progress=not args.no_progress)
+    except CheckpointPathError as err:
+        parser.error(err.worded(CLI))
+    except CheckpointBusyError as err:  # not a usage error: the same command works later
+        print(f"metalearn train: error: {err.worded(CLI)}", file=sys.stderr)
+        return 1
     except NonFiniteError as err:
         print(f"metalearn train: error: {err}", file=sys.stderr)
         return 1

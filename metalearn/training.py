@@ -20,6 +20,7 @@ from metalearn.checkpoint import (
     CheckpointError,
     atomic_write,
     load_checkpoint,
+    non_finite_entries,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -34,8 +35,10 @@ from metalearn.config import (
 )
 from metalearn.distributed import DistContext
 from metalearn.evaluation import EvaluationResult, evaluate
+from metalearn.run_files import claim_checkpoint
 
-CHECKPOINT_FORMAT = 1
+# 2: the same entries as 1, plus the content digest that save_checkpoint adds.
+CHECKPOINT_FORMAT = 2
 # Settings that may differ between a run and its resumption.
 # memory_saving changes how the meta-gradient is computed, not its value.
 RESUMABLE_CHANGES = {"device", "data_root", "iterations", "patience", "memory_saving"}
@@ -81,15 +84,51 @@ def _meta_parameters(learner: MetaLearner) -> dict[str, nn.Parameter]:
             if p.requires_grad}
 
 
-def _check_finite(it: int, metrics: dict, params: dict[str, nn.Parameter]) -> None:
+@dataclass
+class _OnDisk:
+    """What the run has saved so far, for the message of a non-finite stop."""
+
+    checkpoint: Path | None
+    iteration: int | None = None  # of the latest checkpoint written or resumed from
+    best_iteration: int | None = None
+
+    def kept(self) -> str:
+        if self.checkpoint is None:
+            return "nothing was saved (no checkpoint path)"
+        if self.iteration is None:
+            return f"no checkpoint was written yet, so there is none at {self.checkpoint}"
+        kept = f"the checkpoint {self.checkpoint} (iteration {self.iteration}) is kept"
+        if self.best_iteration is not None:
+            best = companion_paths(self.checkpoint)[0]
+            kept += f", and the best model {best} (iteration {self.best_iteration})"
+        else:
+            kept += ", with no best model (no validation value so far was finite)"
+        return kept
+
+
+def _check_finite(it: int, metrics: dict, params: dict[str, nn.Parameter],
+                  on_disk: _OnDisk) -> None:
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     for name, p in params.items():
         if p.grad is not None and not torch.isfinite(p.grad).all():
             bad.append(f"grad of {name}")
     if bad:
         raise NonFiniteError(
-            f"non-finite {', '.join(bad)} at iteration {it}; the last good checkpoint is kept. "
+            f"non-finite {', '.join(bad)} at iteration {it}; {on_disk.kept()}. "
             "Lower the learning rates, or check the flood level and the data."
+        )
+
+
+def _check_finite_state(it: int, model: nn.Module, learner: MetaLearner,
+                        on_disk: _OnDisk) -> None:
+    """Refuse to save a model an update made non-finite (finite gradients can still
+    overflow): a checkpoint on disk is one that can be loaded again."""
+    bad = non_finite_entries({"model": model.state_dict(), "learner": _learner_state(learner)})
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise NonFiniteError(
+            f"non-finite {', '.join(bad[:3])}{more} after the update of iteration {it}; "
+            f"{on_disk.kept()}. Lower the learning rates, or check the flood level and the data."
         )
 
 
@@ -124,6 +163,7 @@ def train(
     *,
     checkpoint: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log_every: int = 50,
     **overrides,
@@ -135,11 +175,22 @@ def train(
             its fields (``train(dataset="sine", iterations=100)`` works without one).
         checkpoint: path of the latest-state checkpoint, written atomically at every
             validation; the best model goes to ``<stem>.best.pt`` and a JSON-lines log to
-            ``<stem>.jsonl`` beside it. ``None`` writes nothing.
+            ``<stem>.jsonl`` beside it. ``None`` writes nothing. The path is checked before
+            anything is built, and locked for the run (``<checkpoint>.lock``); see
+            :func:`metalearn.run_files.claim_checkpoint`.
         resume: continue from ``checkpoint`` (model, optimiser, schedule, iteration,
             sampler and RNG states), so the result equals an uninterrupted run.
+        overwrite: start afresh on a ``checkpoint`` that already holds a run, deleting its
+            checkpoint, best model and log first; without it (or ``resume``) such a path is
+            refused.
         progress: show a tqdm progress bar.
         log_every: iterations between log records.
+
+    Raises:
+        metalearn.run_files.CheckpointPathError: a ``checkpoint`` that cannot be written,
+            or that holds another run without ``resume`` or ``overwrite``.
+        metalearn.run_files.CheckpointBusyError: another live run holds ``checkpoint``.
+        NonFiniteError: the loss, a gradient or the model stopped being finite.
 
     Example:
         >>> import metalearn
@@ -150,6 +201,16 @@ def train(
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides).resolved()
     ctx = DistContext.from_env(cfg.device)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    # Before anything is built: a bad path fails now, not at the first save. Only rank 0
+    # writes, so only rank 0 checks and locks.
+    with claim_checkpoint(ckpt, companion_paths, resume=resume, overwrite=overwrite,
+                          writer=ctx.is_main):
+        return _train(cfg, ctx, ckpt, resume, progress, log_every)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, ckpt: Path | None, resume: bool,
+           progress: bool, log_every: int) -> TrainResult:
     device = ctx.device
     _seed_everything(cfg.seed)
     model = build_model(cfg).to(device)
@@ -171,11 +232,11 @@ def train(
     val_shard = val_tasks[val_offset: val_offset + val_count]
     higher_is_better = validation_metric(cfg.dataset)[1]
 
-    ckpt = Path(checkpoint) if checkpoint is not None else None
     best_path, log_path = companion_paths(ckpt) if ckpt else (None, None)
     if not ctx.is_main:  # only rank 0 writes
         best_path = log_path = None
     start, best, stale = 0, None, 0
+    on_disk = _OnDisk(ckpt)
     if resume:
         if ckpt is None:
             raise ValueError("resume=True needs a checkpoint path")
@@ -196,6 +257,8 @@ def train(
             raise CheckpointError(f"checkpoint {ckpt} does not fit this model/config: "
                                   f"{str(err).splitlines()[0]}") from None
         start, best, stale = state["iteration"], state.get("best"), state.get("stale", 0)
+        on_disk.iteration = start
+        on_disk.best_iteration = best["iteration"] if best else None
         if log_path is not None:
             _trim_log(log_path, start)
 
@@ -210,6 +273,7 @@ def train(
             "rng": rng_state(), "learner_rng": learner_rng.get_state(), "best": best,
             "stale": stale,
         })
+        on_disk.iteration = it
 
     if ckpt is not None and ctx.is_main:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +302,7 @@ def train(
             metrics = learner.step(batch.to(device), shard=shard)
             ctx.reduce_gradients(meta_params.values(), weight)
             metrics = ctx.reduce_metrics(metrics, weight)
-            _check_finite(it, metrics, meta_params)
+            _check_finite(it, metrics, meta_params, on_disk)
             optimizer.step()
             schedule.step()
             bar.update(1)
@@ -247,6 +311,7 @@ def train(
                 log({"iteration": it, "split": "train", **metrics,
                      "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - t0})
             if it % cfg.val_every == 0 or it == cfg.iterations:
+                _check_finite_state(it, model, learner, on_disk)
                 result = evaluate(eval_learner, val_shard, max_steps=cfg.eval_steps,
                                   progress=False)
                 model.train()
@@ -255,8 +320,10 @@ def train(
                 value, ci = result.mean[-1], result.ci95[-1]
                 log({"iteration": it, "split": "val", result.metric: value, "ci95": ci,
                      "steps": cfg.eval_steps})
-                improved = best is None or (value > best["value"] if higher_is_better
-                                            else value < best["value"])
+                # A non-finite value is never best (nor an improvement for patience).
+                improved = math.isfinite(value) and (
+                    best is None or (value > best["value"] if higher_is_better
+                                     else value < best["value"]))
                 if improved:
                     best = {"iteration": it, "metric": result.metric, "value": value, "ci95": ci}
                     stale = 0
@@ -265,6 +332,7 @@ def train(
                             "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(),
                             "iteration": it, "model": model.state_dict(),
                             "learner": _learner_state(learner), "best": best})
+                        on_disk.best_iteration = it
                 else:
                     stale += 1
                 write_checkpoint(it)

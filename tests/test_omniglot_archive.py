@@ -8,6 +8,7 @@ import os
 import shutil
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -73,11 +74,16 @@ def test_images_are_inverted_lanczos_not_nearest(omniglot_images, omniglot_zips)
     assert len(np.unique(images[0, 0].numpy())) > 2
 
 
-def test_cache_is_one_file_keyed_by_zip_sha256(omniglot_images, omniglot_zips, omniglot_cache):
+def test_cache_is_one_array_keyed_by_zip_sha256_with_its_digest(
+    omniglot_images, omniglot_zips, omniglot_cache
+):
     files = sorted(p.name for p in omniglot_cache.iterdir())
     keys = [_sha(omniglot_zips[n])[:16] for n in oa.ARCHIVE_NAMES]
-    assert files == [f"omniglot-28px-f{oa.CACHE_FORMAT}-{keys[0]}-{keys[1]}.npy"]
-    assert np.array_equal(np.load(omniglot_cache / files[0]), omniglot_images.numpy())
+    name = f"omniglot-28px-f{oa.CACHE_FORMAT}-{keys[0]}-{keys[1]}.npy"
+    assert files == [name, f"{name}.digest"]
+    assert np.array_equal(np.load(omniglot_cache / name), omniglot_images.numpy())
+    crc = zlib.crc32(omniglot_images.numpy().tobytes())
+    assert (omniglot_cache / f"{name}.digest").read_text() == f"crc32:{crc:08x}\n"
 
 
 def test_memo_then_disk_cache_serve_without_decoding(omniglot_images, monkeypatch):

@@ -14,6 +14,10 @@ characters and drawings, and a digest over the PNG files (sha256 of the lines
 ``f"{md5(png)}  {path}\\n"`` sorted by path, the ``find | sort | xargs md5sum | sha256sum``
 of an unzipped copy). :func:`verify_archive` accepts a zip whose md5 is the canonical one
 without that scan; decoding reads every PNG anyway, so it always checks the digest.
+
+The decoded array's cache carries a digest of its own (see :mod:`metalearn.data.array_cache`):
+a cache that is unreadable, truncated or altered is reported in one warning line and
+decoded again from the zips, never used.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from metalearn.data.array_cache import CacheWarning, load_array, save_array
 
 ARCHIVE_NAMES = ("images_background", "images_evaluation")
 DEFAULT_URL = "https://github.com/brendenlake/omniglot/raw/master/python"
@@ -151,14 +157,16 @@ def find_archives(root: str | os.PathLike | None = None) -> dict[str, Path]:
     return found
 
 
-def _file_hashes(path: Path) -> tuple[str, str]:
-    """(md5, sha256) of a file."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
+def _file_hashes(path: Path, md5: bool = True) -> tuple[str | None, str]:
+    """(md5, sha256) of a file; md5 None unless asked for (it costs as much as sha256)."""
+    md5_ = hashlib.md5() if md5 else None
+    sha = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
-            md5.update(chunk)
+            if md5_ is not None:
+                md5_.update(chunk)
             sha.update(chunk)
-    return md5.hexdigest(), sha.hexdigest()
+    return (md5_.hexdigest() if md5_ is not None else None), sha.hexdigest()
 
 
 def _read_checked(path: Path, spec: ArchiveSpec) -> list[list[bytes]]:
@@ -333,40 +341,22 @@ def _decode(pngs: list[list[bytes]], out: np.ndarray, bar: tqdm) -> None:
             bar.update(1)
 
 
-def _atomic_save(array: np.ndarray, path: Path) -> None:
-    """Write ``array`` as ``.npy``: temp file in the same folder, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def cache_path(sha256s: dict[str, str]) -> Path:
-    """The cache file for zips with these sha256s (a new source gives a new file)."""
+    """The cache file for zips with these sha256s (a new source gives a new file); its
+    digest is ``<name>.digest`` beside it."""
     keys = "-".join(sha256s[n][:16] for n in ARCHIVE_NAMES)
     return cache_dir() / f"omniglot-{IMAGE_SIZE}px-f{CACHE_FORMAT}-{keys}.npy"
 
 
 def _load_or_decode(paths: dict[str, Path], progress: bool) -> np.ndarray:
-    sha = {n: _file_hashes(p)[1] for n, p in paths.items()}
+    # The cache key needs only the sha256; skipping the md5 pays for the cache's crc32.
+    sha = {n: _file_hashes(p, md5=False)[1] for n, p in paths.items()}
     target = cache_path(sha)
     shape = (NUM_CHARACTERS, DRAWINGS, IMAGE_SIZE, IMAGE_SIZE)
-    if target.is_file():
-        try:
-            array = np.load(target, allow_pickle=False)
-            if array.shape == shape and array.dtype == np.uint8:
-                return array  # only verified content is ever written here
-        except (OSError, ValueError):
-            pass
-        warnings.warn(f"ignoring the unreadable Omniglot cache {target}", stacklevel=3)
+    cached = load_array(target, shape, np.uint8, what="the Omniglot cache",
+                        source="the zips", stacklevel=3)
+    if cached is not None:
+        return cached
     pngs = []
     for name in ARCHIVE_NAMES:
         try:
@@ -381,11 +371,12 @@ def _load_or_decode(paths: dict[str, Path], progress: bool) -> np.ndarray:
     ) as bar:
         _decode(pngs, array, bar)
     try:
-        _atomic_save(array, target)
+        save_array(target, array)
     except OSError as e:
         warnings.warn(
             f"could not write the Omniglot cache {target} ({e}); it will be decoded again next "
             "time. Set METALEARN_CACHE to a writable directory.",
+            CacheWarning,
             stacklevel=3,
         )
     return array
