@@ -67,7 +67,7 @@ def main() -> None:
             overrides["shots"] = args.shots
         ckpt = args.runs / f"omniglot_{tag}_{algo}.pt"
         t0 = time.perf_counter()
-        res = train(checkpoint=ckpt, progress=False, **overrides)
+        res = train(checkpoint=ckpt, overwrite=True, progress=False, **overrides)
         seconds = time.perf_counter() - t0
         best = load_checkpoint(ckpt.with_suffix(".best.pt"))
         res.model.load_state_dict(best["model"])

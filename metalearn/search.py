@@ -227,7 +227,8 @@ def search(
         else:
             ckpt = Path(runs) / f"{_trial_name(point, s, key)}.pt" if runs is not None else None
             t0 = time.perf_counter()
-            run = train(cfg, checkpoint=ckpt, progress=False)
+            # Files of this trial are from an attempt killed before it was recorded.
+            run = train(cfg, checkpoint=ckpt, overwrite=True, progress=False)
             result.trials.append({
                 "point": point, "seed": s, "config": cfg.to_dict(), "best": run.best,
                 "iterations": run.iteration, "stopped_early": run.stopped_early,
