@@ -16,6 +16,11 @@ from the same seeded weights and batches, and reports for every case:
 - its meta-gradient, which the parent compares with the other tree's (largest difference
   relative to the largest gradient entry).
 
+Besides each tree's median, every row has the median of the paired ratios head/base (the
+two iterations of a round ran back to back) with a distribution-free 95% confidence
+interval for it (order statistics of the sorted ratios), and the raw times: on this
+shared 2-core machine single runs move by several per cent either way.
+
 Run it on an idle machine. Writes benchmarks/results/{--out}.json (default
 ``compare_commits``).
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -89,6 +95,21 @@ def ask(proc: subprocess.Popen, i: int) -> float:
     return float(proc.stdout.readline())
 
 
+def median_ci(values: list[float]) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median of at least 95%: the order
+    statistics ``v[j]`` and ``v[n - 1 - j]``, ``j`` the largest index with
+    ``P(Binomial(n, 1/2) <= j) <= 2.5%`` (the whole range when ``n`` is too small)."""
+    v, n = sorted(values), len(values)
+    j, tail = -1, 0.0
+    while True:
+        tail += math.comb(n, j + 1) / 2**n
+        if tail > 0.025:
+            break
+        j += 1
+    j = max(j, 0)
+    return v[j], v[n - 1 - j]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--base", help="the commit to compare against")
@@ -135,15 +156,20 @@ def main() -> None:
         scale = max(g.abs().max().item() for g in grads["base"][i].values())
         diff = max((grads["head"][i][n] - g).abs().max().item()
                    for n, g in grads["base"][i].items()) / scale
+        paired = [h / b for h, b in zip(times["head"][i], times["base"][i])]
         row = {"queries_per_class": q, "algorithm": algo, "inner_steps": steps,
                "base_seconds": med["base"], "head_seconds": med["head"],
                "head_over_base": med["head"] / med["base"],
+               "paired_ratio_median": statistics.median(paired),
+               "paired_ratio_ci95": median_ci(paired),
                "base_saved_bytes": workers["base"][1]["saved_bytes"][i],
                "head_saved_bytes": workers["head"][1]["saved_bytes"][i],
-               "grad_max_rel_diff": diff}
+               "grad_max_rel_diff": diff,
+               "base_times": times["base"][i], "head_times": times["head"][i]}
         rows.append(row)
         print(f"({'a' if q == 1 else 'b'}) {algo:7s} k={steps}  base {med['base']:.3f}s  "
-              f"head {med['head']:.3f}s  head/base {row['head_over_base']:.3f}  saved "
+              f"head {med['head']:.3f}s  paired head/base {row['paired_ratio_median']:.3f} "
+              f"[{row['paired_ratio_ci95'][0]:.3f}, {row['paired_ratio_ci95'][1]:.3f}]  saved "
               f"{row['base_saved_bytes'] / 2**20:.1f} -> {row['head_saved_bytes'] / 2**20:.1f}"
               f" MiB  grad diff {diff:.1e}", flush=True)
     h.update(base_commit=base, repeats=args.repeats, meta_batch=32)
