@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,46 +21,62 @@ SHORT_ITERATIONS = {"sine": 1000, "omniglot": 300}
 TEST_SEED = 12345
 
 
-def _iterations(args, cfg: TrainConfig) -> int:
-    if args.iterations:
-        return args.iterations
-    if args.full:
+def _iterations(iterations: int | None, full: bool, cfg: TrainConfig) -> int:
+    if iterations:
+        return iterations
+    if full:
         family = "reptile" if cfg.algorithm == "reptile" else "maml"
         return PAPER_DEFAULTS[(cfg.dataset, family)]["iterations"]
     return SHORT_ITERATIONS[cfg.dataset]
 
 
-def run_bench(args, base: TrainConfig) -> int:
+def run_bench(base: TrainConfig, algorithms: Sequence[str], *, out: str | Path,
+              iterations: int | None = None, full: bool = False, tasks: int = 600,
+              eval_steps: int = 10, steps_list: Sequence[int] = (1, 2, 4, 8),
+              progress: bool = True) -> int:
     """Train each algorithm briefly, then evaluate, profile memory and time it.
 
-    ``base`` is unresolved: each algorithm fills in its own paper defaults.
+    Args:
+        base: the settings the algorithms share, unresolved: each algorithm fills in its
+            own paper defaults.
+        algorithms: the algorithms to compare, e.g. ``("maml", "fomaml", "reptile")``.
+        out: the JSON file to write (the plot goes beside it, ``.png``).
+        iterations: meta-iterations of each; ``None`` takes a short budget (or the papers'
+            with ``full``).
+        full: the papers' schedules.
+        tasks: test tasks.
+        eval_steps: the most inner steps scored at test time.
+        steps_list: the inner-step counts whose memory and time are profiled.
+        progress: show progress bars.
+
+    Returns:
+        0, the command's exit code.
     """
     t_start = time.perf_counter()
     device = torch.device(base.device)
     records, curves = [], {}
-    for algorithm in args.algorithms:
+    for algorithm in algorithms:
         # Each algorithm gets its own paper defaults; only what the user set is shared.
         cfg = dataclasses.replace(base, algorithm=algorithm, iterations=None)
-        cfg = dataclasses.replace(cfg, iterations=_iterations(args, cfg.resolved()))
+        cfg = dataclasses.replace(cfg, iterations=_iterations(iterations, full, cfg.resolved()))
         cfg = dataclasses.replace(cfg, val_every=cfg.iterations, val_tasks=100).resolved()
         print(f"== {algorithm}: {cfg.iterations} meta-iterations on {cfg.dataset}", flush=True)
         t0 = time.perf_counter()
-        result = train(cfg, progress=not args.no_progress)
+        result = train(cfg, progress=progress)
         train_seconds = time.perf_counter() - t0
 
-        tasks = build_sampler(cfg, "test", seed=TEST_SEED, evaluation=True).sample(args.tasks)
+        test = build_sampler(cfg, "test", seed=TEST_SEED, evaluation=True).sample(tasks)
         eval_learner = build_learner(cfg, result.model, evaluation=True, share=result.learner)
-        ev = evaluate(eval_learner, tasks.to(device), max_steps=args.eval_steps,
-                      progress=not args.no_progress)
+        ev = evaluate(eval_learner, test.to(device), max_steps=eval_steps, progress=progress)
         curves[algorithm] = ev.to_dict()
 
         batch = build_sampler(cfg, "train", seed=cfg.seed + 7).sample(cfg.meta_batch).to(device)
         # A fresh learner: profiling steps it, which must not touch the trained one's state.
         profile = memory_profile(build_learner(cfg, result.model), batch,
-                                 inner_steps=args.steps_list)
+                                 inner_steps=steps_list)
         for row in profile:
             k = row["inner_steps"]
-            idx = min(k, args.eval_steps)
+            idx = min(k, eval_steps)
             records.append({
                 "algorithm": algorithm, "inner_steps": k,
                 ev.metric: ev.mean[idx], "ci95": ev.ci95[idx], "eval_steps": idx,
@@ -71,9 +88,9 @@ def run_bench(args, base: TrainConfig) -> int:
     header = run_header()
     header["wall_seconds"] = time.perf_counter() - t_start
     header["config"] = base.to_dict()
-    header["test_tasks"] = args.tasks
+    header["test_tasks"] = tasks
     payload = {"header": header, "records": records, "curves": curves}
-    out = Path(args.out)
+    out = Path(out)
     atomic_write(out, lambda f: f.write(json.dumps(payload, indent=2).encode()))
     plot = out.with_suffix(".png")
     plot_bench(payload, plot)

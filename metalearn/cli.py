@@ -344,7 +344,9 @@ def _bench(args, parser) -> int:
         base.resolved()  # validate now; each algorithm then fills in its own paper defaults
     except ValueError as err:
         parser.error(str(err))
-    return run_bench(args, base)
+    return run_bench(base, args.algorithms, out=args.out, iterations=args.iterations,
+                     full=args.full, tasks=args.tasks, eval_steps=args.eval_steps,
+                     steps_list=args.steps_list, progress=not args.no_progress)
 
 
 def _search(args, parser) -> int:

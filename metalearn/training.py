@@ -209,139 +209,193 @@ def train(
         return _train(cfg, ctx, ckpt, resume, progress, log_every)
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, ckpt: Path | None, resume: bool,
-           progress: bool, log_every: int) -> TrainResult:
-    device = ctx.device
-    _seed_everything(cfg.seed)
-    model = build_model(cfg).to(device)
-    learner = build_learner(cfg, model)
-    # Reptile's mini-batch draws get their own stream, so validation cannot shift them.
-    learner_rng = torch.Generator().manual_seed(cfg.seed + 17)
-    learner.generator = learner_rng
-    # The evaluation learner shares any learned inner-loop state with the training one.
-    eval_learner = build_learner(cfg, model, evaluation=True, share=learner)
-    meta_params = _meta_parameters(learner)
-    optimizer = build_optimizer(cfg, list(meta_params.values()))
-    schedule = build_schedule(cfg, optimizer)
-    sampler = build_sampler(cfg, "train", seed=cfg.seed)
-    # A fixed validation set: the same tasks at every validation and on resume.
-    val_tasks = build_sampler(cfg, "val", seed=cfg.seed + 1_000_003, evaluation=True).sample(
-        cfg.val_tasks).to(device)
-    # Each rank validates its share of the tasks; the gathered table is one process's.
-    val_offset, val_count = ctx.shard(cfg.val_tasks, "val_tasks")
-    val_shard = val_tasks[val_offset: val_offset + val_count]
-    higher_is_better = validation_metric(cfg.dataset)[1]
+@dataclass
+class _Run:
+    """Everything one run trains with, and where it stands (setup, resume, state to save)."""
 
-    best_path, log_path = companion_paths(ckpt) if ckpt else (None, None)
-    if not ctx.is_main:  # only rank 0 writes
-        best_path = log_path = None
-    start, best, stale = 0, None, 0
-    on_disk = _OnDisk(ckpt)
-    if resume:
-        if ckpt is None:
-            raise ValueError("resume=True needs a checkpoint path")
+    cfg: TrainConfig
+    ctx: DistContext
+    model: nn.Module
+    learner: MetaLearner
+    eval_learner: MetaLearner
+    meta_params: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    sampler: object
+    learner_rng: torch.Generator
+    val_shard: object
+    iteration: int = 0
+    best: dict | None = None
+    stale: int = 0
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, ctx: DistContext) -> _Run:
+        device = ctx.device
+        _seed_everything(cfg.seed)
+        model = build_model(cfg).to(device)
+        learner = build_learner(cfg, model)
+        # Reptile's mini-batch draws get their own stream, so validation cannot shift them.
+        learner.generator = torch.Generator().manual_seed(cfg.seed + 17)
+        # The evaluation learner shares any learned inner-loop state with the training one.
+        eval_learner = build_learner(cfg, model, evaluation=True, share=learner)
+        meta_params = _meta_parameters(learner)
+        optimizer = build_optimizer(cfg, list(meta_params.values()))
+        schedule = build_schedule(cfg, optimizer)
+        sampler = build_sampler(cfg, "train", seed=cfg.seed)
+        # A fixed validation set: the same tasks at every validation and on resume.
+        val_tasks = build_sampler(cfg, "val", seed=cfg.seed + 1_000_003,
+                                  evaluation=True).sample(cfg.val_tasks).to(device)
+        # Each rank validates its share of the tasks; the gathered table is one process's.
+        val_offset, val_count = ctx.shard(cfg.val_tasks, "val_tasks")
+        return cls(cfg, ctx, model, learner, eval_learner, meta_params, optimizer, schedule,
+                   sampler, learner.generator, val_tasks[val_offset: val_offset + val_count])
+
+    def restore(self, ckpt: Path) -> None:
+        """Continue from ``ckpt``: the state of every object and the run's standing."""
         state = load_checkpoint(ckpt)
-        mismatch = _config_mismatch(state.get("config", {}), cfg.to_dict())
+        mismatch = _config_mismatch(state.get("config", {}), self.cfg.to_dict())
         if mismatch:
             raise CheckpointError(f"checkpoint {ckpt} was written by a different run:\n  "
                                   + "\n  ".join(mismatch))
         try:
-            model.load_state_dict(state["model"])
-            learner.learned.load_state_dict(state["learner"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            sampler.load_state_dict(state["sampler"])
+            self.model.load_state_dict(state["model"])
+            self.learner.learned.load_state_dict(state["learner"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            self.sampler.load_state_dict(state["sampler"])
             set_rng_state(state["rng"])
-            learner_rng.set_state(state["learner_rng"])
+            self.learner_rng.set_state(state["learner_rng"])
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"checkpoint {ckpt} does not fit this model/config: "
                                   f"{str(err).splitlines()[0]}") from None
-        start, best, stale = state["iteration"], state.get("best"), state.get("stale", 0)
-        on_disk.iteration = start
-        on_disk.best_iteration = best["iteration"] if best else None
+        self.iteration, self.best = state["iteration"], state.get("best")
+        self.stale = state.get("stale", 0)
+
+    def state(self) -> dict:
+        """The latest-state checkpoint: enough to resume exactly."""
+        return {
+            "format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(),
+            "iteration": self.iteration, "model": self.model.state_dict(),
+            "learner": _learner_state(self.learner), "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
+            "rng": rng_state(), "learner_rng": self.learner_rng.get_state(), "best": self.best,
+            "stale": self.stale,
+        }
+
+    def best_state(self) -> dict:
+        """The best-model checkpoint: the model and learned state, no optimiser."""
+        return {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(),
+                "iteration": self.iteration, "model": self.model.state_dict(),
+                "learner": _learner_state(self.learner), "best": self.best}
+
+    def meta_step(self, on_disk: _OnDisk) -> dict[str, float]:
+        """One meta-iteration: this rank's share of a meta-batch, the gradients summed
+        across ranks, the outer update."""
+        cfg, ctx = self.cfg, self.ctx
+        offset, count = ctx.shard(cfg.meta_batch)
+        weight = count / cfg.meta_batch
+        self.optimizer.zero_grad(set_to_none=True)
+        batch = self.sampler.sample(cfg.meta_batch)[offset: offset + count]
+        shard = (offset, cfg.meta_batch) if ctx.world_size > 1 else None
+        metrics = self.learner.step(batch.to(ctx.device), shard=shard)
+        self.ctx.reduce_gradients(self.meta_params.values(), weight)
+        metrics = ctx.reduce_metrics(metrics, weight)
+        _check_finite(self.iteration, metrics, self.meta_params, on_disk)
+        self.optimizer.step()
+        self.schedule.step()
+        return metrics
+
+    def validate(self) -> tuple[EvaluationResult, bool]:
+        """Score the validation tasks; whether this is the best model so far."""
+        cfg = self.cfg
+        result = evaluate(self.eval_learner, self.val_shard, max_steps=cfg.eval_steps,
+                          progress=False)
+        self.model.train()
+        result = EvaluationResult.from_per_task(
+            result.metric, self.ctx.gather_tasks(result.per_task, cfg.val_tasks))
+        value, ci = result.mean[-1], result.ci95[-1]
+        higher_is_better = validation_metric(cfg.dataset)[1]
+        # A non-finite value is never best (nor an improvement for patience).
+        improved = math.isfinite(value) and (
+            self.best is None or (value > self.best["value"] if higher_is_better
+                                  else value < self.best["value"]))
+        if improved:
+            self.best = {"iteration": self.iteration, "metric": result.metric, "value": value,
+                         "ci95": ci}
+            self.stale = 0
+        else:
+            self.stale += 1
+        return result, improved
+
+
+class _Log:
+    """The run's records, kept in memory and appended to its JSON-lines file (rank 0)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.history: list[dict] = []
+        self.file = open(path, "a") if path else None  # noqa: SIM115 - closed in close()
+
+    def __call__(self, record: dict) -> None:
+        self.history.append(record)
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, ckpt: Path | None, resume: bool,
+           progress: bool, log_every: int) -> TrainResult:
+    run = _Run.build(cfg, ctx)
+    writes = ckpt is not None and ctx.is_main  # only rank 0 writes
+    best_path, log_path = companion_paths(ckpt) if writes else (None, None)
+    on_disk = _OnDisk(ckpt)
+    if resume:
+        if ckpt is None:
+            raise ValueError("resume=True needs a checkpoint path")
+        run.restore(ckpt)
+        on_disk.iteration = run.iteration
+        on_disk.best_iteration = run.best["iteration"] if run.best else None
         if log_path is not None:
-            _trim_log(log_path, start)
-
-    def write_checkpoint(it: int) -> None:
-        if ckpt is None or not ctx.is_main:
-            return
-        save_checkpoint(ckpt, {
-            "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "iteration": it,
-            "model": model.state_dict(), "learner": _learner_state(learner),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "sampler": sampler.state_dict(),
-            "rng": rng_state(), "learner_rng": learner_rng.get_state(), "best": best,
-            "stale": stale,
-        })
-        on_disk.iteration = it
-
-    if ckpt is not None and ctx.is_main:
+            _trim_log(log_path, run.iteration)
+    if writes:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in finally
-    history: list[dict] = []
-
-    def log(record: dict) -> None:
-        history.append(record)
-        if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-    offset, count = ctx.shard(cfg.meta_batch)
-    weight = count / cfg.meta_batch
-    shard = (offset, cfg.meta_batch) if ctx.world_size > 1 else None
-    bar = tqdm(total=cfg.iterations, initial=start, disable=not (progress and ctx.is_main),
-               dynamic_ncols=True,
+    log = _Log(log_path)
+    bar = tqdm(total=cfg.iterations, initial=run.iteration,
+               disable=not (progress and ctx.is_main), dynamic_ncols=True,
                desc=f"{cfg.algorithm} {cfg.dataset}")
-    stopped_early, it = False, start
+    stopped_early = False
     t0 = time.perf_counter()
     try:
-        model.train()
-        for it in range(start + 1, cfg.iterations + 1):
-            optimizer.zero_grad(set_to_none=True)
-            batch = sampler.sample(cfg.meta_batch)[offset: offset + count]
-            metrics = learner.step(batch.to(device), shard=shard)
-            ctx.reduce_gradients(meta_params.values(), weight)
-            metrics = ctx.reduce_metrics(metrics, weight)
-            _check_finite(it, metrics, meta_params, on_disk)
-            optimizer.step()
-            schedule.step()
+        run.model.train()
+        while run.iteration < cfg.iterations:
+            run.iteration += 1
+            it = run.iteration
+            metrics = run.meta_step(on_disk)
             bar.update(1)
             if it % log_every == 0 or it == cfg.iterations:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
                 log({"iteration": it, "split": "train", **metrics,
-                     "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - t0})
+                     "lr": run.schedule.get_last_lr()[0], "seconds": time.perf_counter() - t0})
             if it % cfg.val_every == 0 or it == cfg.iterations:
-                _check_finite_state(it, model, learner, on_disk)
-                result = evaluate(eval_learner, val_shard, max_steps=cfg.eval_steps,
-                                  progress=False)
-                model.train()
-                result = EvaluationResult.from_per_task(
-                    result.metric, ctx.gather_tasks(result.per_task, cfg.val_tasks))
-                value, ci = result.mean[-1], result.ci95[-1]
-                log({"iteration": it, "split": "val", result.metric: value, "ci95": ci,
-                     "steps": cfg.eval_steps})
-                # A non-finite value is never best (nor an improvement for patience).
-                improved = math.isfinite(value) and (
-                    best is None or (value > best["value"] if higher_is_better
-                                     else value < best["value"]))
-                if improved:
-                    best = {"iteration": it, "metric": result.metric, "value": value, "ci95": ci}
-                    stale = 0
-                    if best_path:
-                        save_checkpoint(best_path, {
-                            "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(),
-                            "iteration": it, "model": model.state_dict(),
-                            "learner": _learner_state(learner), "best": best})
-                        on_disk.best_iteration = it
-                else:
-                    stale += 1
-                write_checkpoint(it)
-                if cfg.patience is not None and stale >= cfg.patience:
+                _check_finite_state(it, run.model, run.learner, on_disk)
+                result, improved = run.validate()
+                log({"iteration": it, "split": "val", result.metric: result.mean[-1],
+                     "ci95": result.ci95[-1], "steps": cfg.eval_steps})
+                if improved and best_path:
+                    save_checkpoint(best_path, run.best_state())
+                    on_disk.best_iteration = it
+                if writes:
+                    save_checkpoint(ckpt, run.state())
+                    on_disk.iteration = it
+                if cfg.patience is not None and run.stale >= cfg.patience:
                     stopped_early = True
                     break
     finally:
         bar.close()
-        if log_file:
-            log_file.close()
+        log.close()
     ctx.close()  # not in finally: after a failure, a barrier could wait forever
-    return TrainResult(model, learner, cfg, it, history, best, stopped_early)
+    return TrainResult(run.model, run.learner, cfg, run.iteration, log.history, run.best,
+                       stopped_early)
