@@ -10,7 +10,7 @@ Each algorithm meta-trains with its paper's hyperparameters (MAML: meta-batch 32
 checkpoint, then adapts on 600 fixed test tasks (the same for every algorithm) for 0..10
 steps (Reptile: 0..50, its evaluation setting) with transductive BatchNorm; Reptile is also
 evaluated without transduction. The MAML variants (Meta-SGD, ANIL, MAML++, iMAML) take
-MAML's settings plus their own defaults (``metalearn.config.VARIANT_DEFAULTS``) and are
+MAML's settings plus their own defaults (``metalearn.config.ALGORITHM_SPECS``) and are
 evaluated with their trained inner-loop state (learned rates). The iteration counts are far
 below the papers' (60,000 and 100,000): the default is a reduced CPU budget, and --full runs
 the papers' schedules. Writes benchmarks/results/{--out}.{json,png} (default
@@ -31,7 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, header, write_json  # noqa: E402
 from metalearn import evaluate, train  # noqa: E402
 from metalearn.checkpoint import atomic_write, load_checkpoint  # noqa: E402
-from metalearn.config import PAPER_DEFAULTS, build_learner, build_sampler  # noqa: E402
+from metalearn.config import (  # noqa: E402
+    ALGORITHM_SPECS,
+    PAPER_DEFAULTS,
+    build_learner,
+    build_sampler,
+)
 
 REDUCED = {"maml": 2000, "fomaml": 2000, "reptile": 5000, "metasgd": 2000, "anil": 2000,
            "mamlpp": 1000, "imaml": 1000}
@@ -57,7 +62,7 @@ def main() -> None:
     h = header(seed=args.seed)  # the commit that runs, not the one at the end
     results = []
     for algo in args.algorithms.split(","):
-        family = "reptile" if algo == "reptile" else "maml"
+        family = ALGORITHM_SPECS[algo].family
         iterations = (PAPER_DEFAULTS[("omniglot", family)]["iterations"] if args.full
                       else budget[algo])
         overrides = dict(dataset="omniglot", algorithm=algo, ways=args.ways, seed=args.seed,

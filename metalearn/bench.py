@@ -11,7 +11,13 @@ from pathlib import Path
 import torch
 
 from metalearn.checkpoint import atomic_write
-from metalearn.config import PAPER_DEFAULTS, TrainConfig, build_learner, build_sampler
+from metalearn.config import (
+    ALGORITHM_SPECS,
+    PAPER_DEFAULTS,
+    TrainConfig,
+    build_learner,
+    build_sampler,
+)
 from metalearn.evaluation import evaluate
 from metalearn.memory import memory_profile
 from metalearn.run_record import run_header
@@ -25,7 +31,7 @@ def _iterations(iterations: int | None, full: bool, cfg: TrainConfig) -> int:
     if iterations:
         return iterations
     if full:
-        family = "reptile" if cfg.algorithm == "reptile" else "maml"
+        family = ALGORITHM_SPECS[cfg.algorithm].family
         return PAPER_DEFAULTS[(cfg.dataset, family)]["iterations"]
     return SHORT_ITERATIONS[cfg.dataset]
 

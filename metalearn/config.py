@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,31 +15,106 @@ from metalearn.algorithms.base import MetaLearner
 from metalearn.models import MLP, Conv4
 
 DATASETS = ("sine", "omniglot")
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mamlpp", "imaml")
 OUTER_OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
 
-# Options of the MAML variants, filled in only for the algorithm that uses them (so configs
-# of other algorithms, and checkpoints written before these existed, are unchanged). The
-# variants otherwise take MAML's defaults. MAML++ (Antoniou et al. 2019): the reference code
-# anneals the multi-step loss over 10 epochs of 500 iterations; its cosine meta-lr anneal is
-# ``schedule="cosine"``. iMAML (Rajeswaran et al. 2019): the reference code's lam and CG steps.
-VARIANT_DEFAULTS: dict[str, dict] = {
-    "metasgd": dict(first_order=False),
-    "anil": dict(first_order=False),
-    # MAML++ trains with 5 inner steps (Antoniou et al. 2019); iMAML's inner problem needs
-    # several steps to be near its solution (16 as recalled from its reference code; unchecked).
-    "mamlpp": dict(inner_steps=5, first_order=False, lslr=True, multi_step_loss=True,
-                   msl_iterations=5000, first_order_iterations=0, per_step_bn=True),
-    "imaml": dict(inner_steps=16, imaml_lambda=1.0, cg_steps=5),
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """An algorithm as the harness knows it: the one place for its options and defaults.
+
+    Args:
+        family: whose paper settings it starts from (``PAPER_DEFAULTS``): ``"maml"`` or
+            ``"reptile"``.
+        build: ``build(cfg, model, loss_options, evaluation)``, the learner.
+        options: the options that only some algorithms use (``VARIANT_OPTIONS``) which
+            this one does, with its defaults (``None``: unset, the learner's own default).
+        defaults: its own defaults of shared settings, over the family's.
+        dataset_defaults: per dataset, defaults over both.
+    """
+
+    family: str
+    build: Callable[..., MetaLearner]
+    options: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    dataset_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# Settings that only some algorithms use: set for another one, they are an error, not
+# silently ignored.
+VARIANT_OPTIONS = ("first_order", "anil_inner", "imaml_lambda", "cg_steps", "lslr",
+                   "multi_step_loss", "msl_iterations", "first_order_iterations",
+                   "per_step_bn", "memory_saving", "inner_batch", "inner_optimizer",
+                   "eval_inner_batch", "outer_flood")
+_OUTER = {"outer_flood": None}  # every learner with an outer loss
+# MAML++ (Antoniou et al. 2019) trains with 5 inner steps; the reference code anneals the
+# multi-step loss over 10 epochs of 500 iterations; its cosine meta-lr anneal is
+# ``schedule="cosine"``. iMAML (Rajeswaran et al. 2019): the reference code's lam and CG
+# steps; its inner problem needs several steps to be near its solution (16 as recalled from
+# its reference code; unchecked). On Omniglot: the paper's lambda 2, and the inner lr that won
+# a validation search at that lambda (benchmarks/results/imaml_inner_lr_search.json); MAML's
+# 0.4 leaves the proximal inner problem unconverged (see docs/algorithms/imaml.md).
+Builder = Callable[["TrainConfig", nn.Module, dict, bool], MetaLearner]
+
+
+def _maml(cfg: TrainConfig, model: nn.Module, loss: dict, evaluation: bool) -> MetaLearner:
+    return MAML(model, cfg.inner_lr, cfg.inner_steps, memory_saving=bool(cfg.memory_saving),
+                outer_flood=cfg.outer_flood, **loss)
+
+
+def _fomaml(cfg: TrainConfig, model: nn.Module, loss: dict, evaluation: bool) -> MetaLearner:
+    return FOMAML(model, cfg.inner_lr, cfg.inner_steps, outer_flood=cfg.outer_flood, **loss)
+
+
+def _reptile(cfg: TrainConfig, model: nn.Module, loss: dict, evaluation: bool) -> MetaLearner:
+    batch = cfg.eval_inner_batch if evaluation else cfg.inner_batch
+    return Reptile(model, cfg.inner_lr, cfg.inner_steps, inner_batch=batch,
+                   inner_optimizer=cfg.inner_optimizer, **loss)
+
+
+def _metasgd(cfg: TrainConfig, model: nn.Module, loss: dict, evaluation: bool) -> MetaLearner:
+    return MetaSGD(model, cfg.inner_lr, cfg.inner_steps, first_order=cfg.first_order,
+                   outer_flood=cfg.outer_flood, **loss)
+
+
+def _anil(cfg: TrainConfig, model: nn.Module, loss: dict, evaluation: bool) -> MetaLearner:
+    inner = [n.strip() for n in cfg.anil_inner.split(",")] if cfg.anil_inner else None
+    return ANIL(model, cfg.inner_lr, cfg.inner_steps, inner_params=inner,
+                first_order=cfg.first_order, outer_flood=cfg.outer_flood, **loss)
+
+
+def _mamlpp(cfg: TrainConfig, model: nn.Module, loss: dict, evaluation: bool) -> MetaLearner:
+    return MAMLPlusPlus(model, cfg.inner_lr, cfg.inner_steps, first_order=cfg.first_order,
+                        lslr=cfg.lslr, multi_step_loss=cfg.multi_step_loss,
+                        msl_iterations=cfg.msl_iterations,
+                        first_order_iterations=cfg.first_order_iterations,
+                        per_step_bn=cfg.per_step_bn, outer_flood=cfg.outer_flood, **loss)
+
+
+def _imaml(cfg: TrainConfig, model: nn.Module, loss: dict, evaluation: bool) -> MetaLearner:
+    return IMAML(model, cfg.inner_lr, cfg.inner_steps, lam=cfg.imaml_lambda,
+                 cg_steps=cfg.cg_steps, outer_flood=cfg.outer_flood, **loss)
+
+
+ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
+    "maml": AlgorithmSpec("maml", _maml, {**_OUTER, "memory_saving": None}),
+    "fomaml": AlgorithmSpec("maml", _fomaml, dict(_OUTER)),
+    "reptile": AlgorithmSpec("reptile", _reptile, {"inner_batch": None, "inner_optimizer": None,
+                                                   "eval_inner_batch": None}),
+    "metasgd": AlgorithmSpec("maml", _metasgd, {**_OUTER, "first_order": False}),
+    "anil": AlgorithmSpec("maml", _anil, {**_OUTER, "first_order": False, "anil_inner": None}),
+    "mamlpp": AlgorithmSpec("maml", _mamlpp, {**_OUTER, "first_order": False, "lslr": True,
+                                              "multi_step_loss": True, "msl_iterations": 5000,
+                                              "first_order_iterations": 0,
+                                              "per_step_bn": True},
+                            defaults={"inner_steps": 5}),
+    "imaml": AlgorithmSpec("maml", _imaml, {**_OUTER, "imaml_lambda": 1.0, "cg_steps": 5},
+                           defaults={"inner_steps": 16},
+                           dataset_defaults={"omniglot": dict(imaml_lambda=2.0,
+                                                              inner_lr=0.025)}),
 }
-# A variant's settings for one dataset, before its VARIANT_DEFAULTS. iMAML on Omniglot: the
-# paper's lambda 2, and the inner lr that won a validation search at that lambda
-# (benchmarks/results/imaml_inner_lr_search.json); MAML's 0.4 leaves the proximal inner
-# problem unconverged (see docs/algorithms/imaml.md).
-VARIANT_DATASET_DEFAULTS: dict[tuple[str, str], dict] = {
-    ("omniglot", "imaml"): dict(imaml_lambda=2.0, inner_lr=0.025),
-}
+
+ALGORITHMS = tuple(ALGORITHM_SPECS)
 
 # The papers' settings: MAML (Finn et al. 2017) and Reptile (Nichol et al. 2018).
 PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
@@ -56,6 +133,47 @@ PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
                                   iterations=100_000, eval_shots=1, eval_steps=50,
                                   eval_inner_batch=5),
 }
+
+
+def _integer(low: int) -> Callable[[Any], bool]:
+    return lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= low
+
+
+def _finite(low: float, strict: bool) -> Callable[[Any], bool]:
+    def ok(v: Any) -> bool:
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > low if strict else v >= low))
+    return ok
+
+
+def _one_of(choices: tuple) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+_FLAG = (lambda v: isinstance(v, bool), "True or False")
+# Every setting's rule, in one place (None, where allowed, means unset).
+FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{name: (_integer(1), "an integer >= 1") for name in (
+        "ways", "shots", "queries", "meta_batch", "iterations", "eval_shots", "eval_queries",
+        "val_every", "val_tasks", "patience", "inner_batch", "eval_inner_batch",
+        "msl_iterations")},
+    **{name: (_integer(0), "an integer >= 0") for name in (
+        "inner_steps", "eval_steps", "cg_steps", "first_order_iterations")},
+    **{name: (_finite(0, True), "a finite number > 0") for name in (
+        "inner_lr", "outer_lr", "imaml_lambda")},
+    **{name: (_finite(0, False), "a finite number >= 0") for name in (
+        "weight_decay", "dropout", "label_smoothing", "inner_flood", "outer_flood")},
+    "outer_optimizer": (_one_of(OUTER_OPTIMIZERS), f"one of {OUTER_OPTIMIZERS}"),
+    "schedule": (_one_of(SCHEDULES), f"one of {SCHEDULES}"),
+    "inner_optimizer": (_one_of(("sgd", "adam")), "one of ('sgd', 'adam')"),
+    "flood_mode": (_one_of(("batch", "instance")), "one of ('batch', 'instance')"),
+    "init": (_one_of(("xavier", "he")), "one of ('xavier', 'he')"),
+    **{name: _FLAG for name in ("first_order", "lslr", "multi_step_loss", "per_step_bn",
+                                "memory_saving")},
+}
+# What resolution gives an algorithm that does not use the option: set to it, the option
+# changes nothing, so it is no error (a resolved config can be resolved again).
+_NEUTRAL = {"inner_optimizer": "sgd", "first_order": False, "memory_saving": False}
 
 
 @dataclass
@@ -100,7 +218,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     data_root: str | None = None
-    # MAML variants (see VARIANT_DEFAULTS; ignored by the other algorithms).
+    # Options of some algorithms only (ALGORITHM_SPECS; an error for the others).
     first_order: bool | None = None
     anil_inner: str | None = None
     imaml_lambda: float | None = None
@@ -120,17 +238,20 @@ class TrainConfig:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {DATASETS}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
-        family = "reptile" if self.algorithm == "reptile" else "maml"
+        spec = ALGORITHM_SPECS[self.algorithm]
         values = asdict(self)
-        # A variant's own settings first, then the paper defaults of its family.
-        for key, value in {**VARIANT_DEFAULTS.get(self.algorithm, {}),
-                           **VARIANT_DATASET_DEFAULTS.get((self.dataset, self.algorithm),
-                                                          {})}.items():
-            if values.get(key) is None:
-                values[key] = value
-        for key, value in PAPER_DEFAULTS[(self.dataset, family)].items():
-            if values.get(key) is None:
-                values[key] = value
+        for name in VARIANT_OPTIONS:
+            if name not in spec.options and values[name] not in (None, _NEUTRAL.get(name)):
+                users = [a for a, sp in ALGORITHM_SPECS.items() if name in sp.options]
+                which = f"{users[0]!r}" if len(users) == 1 else f"one of {tuple(users)}"
+                raise ValueError(f"{name} applies to algorithm={which} only, not to "
+                                 f"{self.algorithm!r}; leave it unset")
+        # The algorithm's own settings first, then the paper defaults of its family.
+        own = {**spec.options, **spec.defaults, **spec.dataset_defaults.get(self.dataset, {})}
+        for source in (own, PAPER_DEFAULTS[(self.dataset, spec.family)]):
+            for key, value in source.items():
+                if values.get(key) is None:
+                    values[key] = value
         values["inner_optimizer"] = values["inner_optimizer"] or "sgd"
         values["queries"] = values["queries"] or values["shots"]
         values["schedule"] = values["schedule"] or "constant"
@@ -141,27 +262,16 @@ class TrainConfig:
         cfg._check()
         return cfg
 
+    def _check_value(self, name: str) -> None:
+        """Check one setting against its rule in ``FIELD_RULES`` (``None`` is unset)."""
+        ok, rule = FIELD_RULES[name]
+        value = getattr(self, name)
+        if value is not None and not ok(value):
+            raise ValueError(f"{name} must be {rule}, got {value!r}")
+
     def _check(self) -> None:
-        positive = ("ways", "shots", "queries", "meta_batch", "iterations", "eval_shots",
-                    "eval_queries", "val_every", "val_tasks")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("inner_lr", "outer_lr"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        if self.inner_steps < 0 or self.eval_steps < 0:
-            raise ValueError(f"inner_steps and eval_steps must be >= 0, got "
-                             f"{self.inner_steps} and {self.eval_steps}")
-        if self.outer_optimizer not in OUTER_OPTIMIZERS:
-            raise ValueError(f"unknown outer optimizer {self.outer_optimizer!r}; choose one of "
-                             f"{OUTER_OPTIMIZERS}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in FIELD_RULES:
+            self._check_value(name)
         if self.dataset == "omniglot":
             for shots, queries, which in ((self.shots, self.queries, ""),
                                           (self.eval_shots, self.eval_queries, "eval_")):
@@ -173,27 +283,9 @@ class TrainConfig:
             if self.ways > 100:
                 raise ValueError(f"ways={self.ways} exceeds the 100 classes of the Omniglot "
                                  "validation split; use ways <= 100")
-        if self.patience is not None and self.patience < 1:
-            raise ValueError(f"patience must be >= 1 (or unset), got {self.patience}")
-        self._check_variants()
-
-    def _check_variants(self) -> None:
-        if not isinstance(self.memory_saving, (bool, type(None))):
-            raise ValueError(f"memory_saving must be a bool, got {self.memory_saving!r}")
         if self.algorithm == "reptile" and self.inner_steps == 0:
             raise ValueError("inner_steps must be >= 1 for reptile: with none, phi = theta "
                              "and the update theta + epsilon * (phi - theta) changes nothing")
-        if self.memory_saving and self.algorithm != "maml":
-            raise ValueError(f"memory_saving applies to algorithm='maml' only (second-order "
-                             f"MAML's inner graph), not to {self.algorithm!r}")
-        if self.imaml_lambda is not None and not (math.isfinite(self.imaml_lambda)
-                                                  and self.imaml_lambda > 0):
-            raise ValueError(f"imaml_lambda must be a finite number > 0, got {self.imaml_lambda}")
-        for name, low in (("cg_steps", 0), ("msl_iterations", 1), ("first_order_iterations", 0)):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < low):
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -222,41 +314,14 @@ def build_learner(cfg: TrainConfig, model: nn.Module, evaluation: bool = False,
     (Meta-SGD's and MAML++'s ``learned`` module) the new learner uses, the same tensors.
     Pass the training learner when building its evaluation learner.
     """
-    common = dict(inner_flood=cfg.inner_flood, flood_mode=cfg.flood_mode,
-                  label_smoothing=cfg.label_smoothing)
-    if cfg.algorithm == "reptile":
-        batch = cfg.eval_inner_batch if evaluation else cfg.inner_batch
-        return Reptile(model, cfg.inner_lr, cfg.inner_steps, inner_batch=batch,
-                       inner_optimizer=cfg.inner_optimizer, **common)
-    variant = _build_variant(cfg, model, dict(common, outer_flood=cfg.outer_flood))
-    if variant is not None:
-        if share is not None:
-            if share.model is not model:
-                raise ValueError("share= must be a learner of the same model")
-            variant.learned = share.learned
-        return variant
-    cls = FOMAML if cfg.algorithm == "fomaml" else MAML
-    if cfg.memory_saving:  # validated: algorithm is "maml"
-        common["memory_saving"] = True
-    return cls(model, cfg.inner_lr, cfg.inner_steps, outer_flood=cfg.outer_flood, **common)
-
-
-def _build_variant(cfg: TrainConfig, model: nn.Module, common: dict) -> MetaLearner | None:
-    lr, steps = cfg.inner_lr, cfg.inner_steps
-    if cfg.algorithm == "metasgd":
-        return MetaSGD(model, lr, steps, first_order=cfg.first_order, **common)
-    if cfg.algorithm == "anil":
-        inner = [n.strip() for n in cfg.anil_inner.split(",")] if cfg.anil_inner else None
-        return ANIL(model, lr, steps, inner_params=inner, first_order=cfg.first_order, **common)
-    if cfg.algorithm == "mamlpp":
-        return MAMLPlusPlus(model, lr, steps, first_order=cfg.first_order, lslr=cfg.lslr,
-                            multi_step_loss=cfg.multi_step_loss,
-                            msl_iterations=cfg.msl_iterations,
-                            first_order_iterations=cfg.first_order_iterations,
-                            per_step_bn=cfg.per_step_bn, **common)
-    if cfg.algorithm == "imaml":
-        return IMAML(model, lr, steps, lam=cfg.imaml_lambda, cg_steps=cfg.cg_steps, **common)
-    return None
+    loss = dict(inner_flood=cfg.inner_flood, flood_mode=cfg.flood_mode,
+                label_smoothing=cfg.label_smoothing)
+    learner = ALGORITHM_SPECS[cfg.algorithm].build(cfg, model, loss, evaluation)
+    if share is not None:
+        if share.model is not model:
+            raise ValueError("share= must be a learner of the same model")
+        learner.learned = share.learned
+    return learner
 
 
 def build_sampler(cfg: TrainConfig, split: str, seed: int, evaluation: bool = False):

@@ -1,0 +1,67 @@
+"""The algorithm registry: each option belongs to the algorithms that use it, every value
+has one rule, and resolving is idempotent."""
+
+from __future__ import annotations
+
+import pytest
+
+from metalearn.config import (
+    ALGORITHM_SPECS,
+    FIELD_RULES,
+    VARIANT_OPTIONS,
+    TrainConfig,
+    build_learner,
+    build_model,
+)
+
+SAMPLE = {"first_order": True, "anil_inner": "classifier", "imaml_lambda": 2.0, "cg_steps": 3,
+          "lslr": False, "multi_step_loss": False, "msl_iterations": 10,
+          "first_order_iterations": 5, "per_step_bn": False, "memory_saving": True,
+          "inner_batch": 4, "inner_optimizer": "adam", "eval_inner_batch": 4,
+          "outer_flood": 0.1}
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHM_SPECS))
+def test_an_option_of_another_algorithm_is_an_error(algorithm):
+    spec = ALGORITHM_SPECS[algorithm]
+    assert set(SAMPLE) == set(VARIANT_OPTIONS)
+    for name in VARIANT_OPTIONS:
+        cfg = TrainConfig(algorithm=algorithm, inner_steps=2, **{name: SAMPLE[name]})
+        if name in spec.options:
+            cfg.resolved()  # its own option: accepted
+        else:
+            with pytest.raises(ValueError, match=f"{name} applies to algorithm=.* only, not "
+                                                 f"to '{algorithm}'"):
+                cfg.resolved()
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHM_SPECS))
+@pytest.mark.parametrize("dataset", ["sine", "omniglot"])
+def test_resolving_is_idempotent_and_builds_the_learner(algorithm, dataset):
+    cfg = TrainConfig(dataset=dataset, algorithm=algorithm).resolved()
+    assert cfg.resolved() == cfg
+    if dataset == "sine":
+        learner = build_learner(cfg, build_model(cfg))
+        assert learner.inner_steps == cfg.inner_steps
+
+
+def test_every_rule_refuses_a_bad_value():
+    bad = {"an integer >= 1": 0, "an integer >= 0": -1, "a finite number > 0": float("nan"),
+           "a finite number >= 0": -0.5, "True or False": "yes"}
+    for name, (_, rule) in FIELD_RULES.items():
+        value = bad.get(rule, "no such choice")
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            TrainConfig(**{"algorithm": "mamlpp" if name in ALGORITHM_SPECS["mamlpp"].options
+                           else "reptile" if name in ALGORITHM_SPECS["reptile"].options
+                           else "imaml" if name in ALGORITHM_SPECS["imaml"].options
+                           else "maml", name: value})._check_value(name)
+
+
+def test_the_cli_names_the_misplaced_option(capsys):
+    from metalearn.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--algorithm", "maml", "--lslr"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: metalearn train" in err and "lslr applies to algorithm='mamlpp' only" in err
