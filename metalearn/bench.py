@@ -83,9 +83,11 @@ def run_bench(base: TrainConfig, algorithms: Sequence[str], *, out: str | Path,
         for row in profile:
             k = row["inner_steps"]
             idx = min(k, eval_steps)
+            # Two meanings of "steps": the inner steps of the profiled meta-iteration, and
+            # the test-time steps behind the metric (as many, capped by eval_steps).
             records.append({
-                "algorithm": algorithm, "inner_steps": k,
-                ev.metric: ev.mean[idx], "ci95": ev.ci95[idx], "eval_steps": idx,
+                "algorithm": algorithm, "train_inner_steps": k,
+                ev.metric: ev.mean[idx], "ci95": ev.ci95[idx], "test_steps": idx,
                 "saved_bytes": row["saved_bytes"], "cuda_peak_bytes": row["cuda_peak_bytes"],
                 "seconds_per_iteration": row["seconds_per_iteration"],
                 "train_iterations": cfg.iterations, "train_seconds": train_seconds,
@@ -110,13 +112,15 @@ def format_table(records: list[dict]) -> str:
     if not records:
         return "(no records)"
     metric = "accuracy" if "accuracy" in records[0] else "mse"
-    lines = [f"{'algorithm':<9} {'steps':>5} {metric:>9} {'ci95':>8} {'saved MB':>9} "
-             f"{'cuda MB':>8} {'s/iter':>8}"]
+    lines = [f"{'':<9} {'after test steps':^27} | {'a meta-iteration with inner steps':^38}",
+             f"{'algorithm':<9} {'steps':>5} {metric:>9} {'ci95':>9}   | {'steps':>5} "
+             f"{'saved MB':>9} {'cuda MB':>8} {'s/iter':>9}"]
     for r in records:
         cuda = "-" if r["cuda_peak_bytes"] is None else f"{r['cuda_peak_bytes'] / 2**20:.1f}"
-        lines.append(f"{r['algorithm']:<9} {r['inner_steps']:>5} {r[metric]:>9.4f} "
-                     f"{r['ci95']:>8.4f} {r['saved_bytes'] / 2**20:>9.2f} {cuda:>8} "
-                     f"{r['seconds_per_iteration']:>8.4f}")
+        lines.append(f"{r['algorithm']:<9} {r['test_steps']:>5} {r[metric]:>9.4f} "
+                     f"{r['ci95']:>9.4f}   | {r['train_inner_steps']:>5} "
+                     f"{r['saved_bytes'] / 2**20:>9.2f} {cuda:>8} "
+                     f"{r['seconds_per_iteration']:>9.4f}")
     return "\n".join(lines)
 
 
@@ -133,10 +137,15 @@ def plot_bench(payload: dict, path: Path) -> None:
         ax1.errorbar(steps, mean, yerr=ci, label=name, capsize=2)
         ax1.set_ylabel(curve["metric"])
         rows = [r for r in payload["records"] if r["algorithm"] == name]
-        ax2.plot([r["inner_steps"] for r in rows], [r["saved_bytes"] / 2**20 for r in rows],
-                 marker="o", label=name)
+        ax2.plot([r["train_inner_steps"] for r in rows],
+                 [r["saved_bytes"] / 2**20 for r in rows], marker="o", label=name)
     ax1.set_xlabel("inner steps at test time")
-    ax1.set_title("adaptation (mean, 95% CI)")
+    cfg = payload["header"]["config"]
+    budget = {r["algorithm"]: r["train_iterations"] for r in payload["records"]}
+    ax1.set_title(f"{cfg['dataset']}, {cfg.get('shots') or 'paper'} shots: adaptation "
+                  "(mean, 95% CI)", fontsize=9)
+    fig.suptitle("meta-iterations: " + ", ".join(f"{a} {n}" for a, n in budget.items()),
+                 fontsize=9)
     ax2.set_xlabel("inner steps in the meta-iteration")
     ax2.set_ylabel("autograd saved tensors (MiB)")
     ax2.set_title("memory per meta-iteration")

@@ -58,7 +58,8 @@ def _algorithm_list(text: str) -> list[str]:
 def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
     g = p.add_argument_group("task")
     g.add_argument("--dataset", choices=DATASETS, default="sine")
-    g.add_argument("--ways", type=_positive_int, default=5)
+    g.add_argument("--ways", type=_positive_int, default=5,
+                   help="classes per task (omniglot; default 5)")
     g.add_argument("--shots", type=_positive_int, help="support examples per class (per task "
                    "for sine); default from the paper")
     g.add_argument("--queries", type=_positive_int, help="query examples per class (per task "
@@ -112,7 +113,7 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
     m = p.add_argument_group("model and run")
     m.add_argument("--init", choices=("xavier", "he"), default="xavier")
     m.add_argument("--dropout", type=_non_negative_float, default=0.0)
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     m.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_malloc_option(m)
@@ -139,10 +140,13 @@ def _config_from(args: argparse.Namespace, **extra) -> TrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="metalearn", description="Meta-learning with MAML, FOMAML and Reptile.")
+        prog="metalearn", allow_abbrev=False,
+        description="Meta-learning: MAML, FOMAML, Reptile, Meta-SGD, ANIL, MAML++ and iMAML.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # No prefix matching anywhere: a misspelled --iteration must not pass as --iterations.
 
-    tr = sub.add_parser("train", help="meta-train a model", description="Meta-train with "
+    tr = sub.add_parser("train", allow_abbrev=False,
+                        help="meta-train a model", description="Meta-train with "
                         "the papers' defaults; validation, checkpoints and resume.")
     tr.add_argument("--algorithm", choices=ALGORITHMS, default="maml")
     _add_run_options(tr, "meta-iterations (default: the paper's schedule)")
@@ -152,12 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true", help="start afresh on a --checkpoint "
                     "that already holds a run, deleting its checkpoint, best model and log "
                     "(without it, or --resume, such a path is refused)")
-    tr.add_argument("--val-every", type=_positive_int, default=500)
-    tr.add_argument("--val-tasks", type=_positive_int, default=100)
+    tr.add_argument("--val-every", type=_positive_int, default=500,
+                    help="meta-iterations between validations (default 500)")
+    tr.add_argument("--val-tasks", type=_positive_int, default=100,
+                    help="fixed validation tasks (default 100)")
     tr.add_argument("--patience", type=_positive_int, help="stop after this many validations "
                     "without improvement")
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint per inner-step count",
+    ev = sub.add_parser("eval", allow_abbrev=False,
+                        help="evaluate a checkpoint per inner-step count",
                         description="Adaptation accuracy (or MSE) after 0..K inner steps, "
                         "mean and 95%% CI over fixed test tasks.")
     ev.add_argument("--checkpoint", type=Path, required=True)
@@ -168,12 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "the support set only (Reptile's protocol)")
     ev.add_argument("--seed", type=int, default=12345, help="seed of the test task set")
     ev.add_argument("--data-root")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ev.add_argument("--out", type=Path, help="write the result as JSON")
     ev.add_argument("--no-progress", action="store_true")
     _add_malloc_option(ev)
 
-    be = sub.add_parser("bench", help="compare MAML, FOMAML and Reptile",
+    be = sub.add_parser("bench", allow_abbrev=False,
+                        help="compare MAML, FOMAML and Reptile",
                         description="Short meta-training of each algorithm, then accuracy/MSE "
                         "per inner step, memory per inner-step count and speed.")
     be.add_argument("--algorithms", type=_algorithm_list, default=["maml", "fomaml", "reptile"],
@@ -181,14 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "maml,fomaml,reptile)")
     be.add_argument("--inner-steps-list", "--steps-list", dest="steps_list", type=_int_list,
                     default=[1, 2, 4, 8], help="inner-step counts for the memory profile")
-    be.add_argument("--eval-steps", type=_non_negative_int, default=10)
+    be.add_argument("--eval-steps", type=_non_negative_int, default=10,
+                    help="the most inner steps at test time (default 10)")
     be.add_argument("--tasks", type=_positive_int, default=600, help="test tasks")
     be.add_argument("--full", action="store_true", help="the papers' full schedules")
-    be.add_argument("--out", type=Path, default=Path("bench_results.json"))
+    be.add_argument("--out", type=Path, default=Path("runs") / "bench_results.json",
+                    help="results JSON, the plot beside it (default runs/bench_results.json)")
     _add_run_options(be, "meta-iterations per algorithm (default 1000 for sine, 300 for "
                      "omniglot; --full for the paper's)")
 
-    se = sub.add_parser("search", help="hyperparameter search on the validation split",
+    se = sub.add_parser("search", allow_abbrev=False,
+                        help="hyperparameter search on the validation split",
                         description="Train one run per grid point (or per random draw with "
                         "--trials) and rank them by their best validation value; the test "
                         "split is not used. Example: metalearn search --grid inner_lr=0.005,"
@@ -201,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "grid points (default: the whole grid)")
     se.add_argument("--seeds", type=_int_list, help="run each point with these seeds and rank "
                     "by the mean (default: --seed)")
-    se.add_argument("--val-every", type=_positive_int, default=500)
-    se.add_argument("--val-tasks", type=_positive_int, default=100)
+    se.add_argument("--val-every", type=_positive_int, default=500,
+                    help="meta-iterations between validations (default 500)")
+    se.add_argument("--val-tasks", type=_positive_int, default=100,
+                    help="fixed validation tasks (default 100)")
     se.add_argument("--patience", type=_positive_int, help="early stopping within each trial")
     se.add_argument("--runs", type=Path, help="folder for each trial's checkpoints and logs "
                     "(default: none kept)")
@@ -219,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # the subcommand's usage, not the top level's
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if not args.no_malloc_reuse:
         from metalearn.allocator import reuse_freed_memory
 

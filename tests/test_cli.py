@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,13 +97,29 @@ def test_bench_runs_end_to_end_on_sine(tmp_path):
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert payload["header"]["malloc_reuse"] is glibc  # the CLI's default
     rows = payload["records"]
-    assert {(x["algorithm"], x["inner_steps"]) for x in rows} == {
+    assert {(x["algorithm"], x["train_inner_steps"]) for x in rows} == {
         (a, k) for a in ("maml", "fomaml", "reptile") for k in (1, 2)}
     for x in rows:
         assert {"mse", "ci95", "saved_bytes", "cuda_peak_bytes", "seconds_per_iteration"} <= set(x)
         assert x["cuda_peak_bytes"] is None
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "algorithm" in r.stdout and "maml" in r.stdout
+    # The two meanings of steps are apart: test-time steps (capped by --eval-steps) and
+    # the profiled meta-iteration's inner steps.
+    assert "after test steps" in r.stdout and "a meta-iteration with inner steps" in r.stdout
+    assert {x["test_steps"] for x in rows} == {1, 2}
+
+
+def test_misspelled_and_abbreviated_flags_get_the_subcommand_usage(capsys):
+    from metalearn.cli import build_parser, main
+
+    for argv in (["train", "--iteration", "50"], ["bench", "--bogus"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"usage: metalearn {argv[0]}" in err and "unrecognized arguments" in err
+    assert build_parser().parse_args(["bench"]).out == Path("runs") / "bench_results.json"
 
 
 def test_no_malloc_reuse_leaves_the_allocator_alone(tmp_path):
