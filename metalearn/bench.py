@@ -18,7 +18,7 @@ from metalearn.config import (
     build_learner,
     build_sampler,
 )
-from metalearn.evaluation import evaluate
+from metalearn.evaluation import evaluate, format_metric
 from metalearn.memory import memory_profile
 from metalearn.run_record import run_header
 from metalearn.training import train
@@ -108,18 +108,18 @@ def run_bench(base: TrainConfig, algorithms: Sequence[str], *, out: str | Path,
 
 
 def format_table(records: list[dict]) -> str:
-    """The bench records as an aligned text table."""
+    """The bench records as an aligned text table (accuracy in percent, as everywhere)."""
     if not records:
         return "(no records)"
     metric = "accuracy" if "accuracy" in records[0] else "mse"
-    lines = [f"{'':<9} {'after test steps':^27} | {'a meta-iteration with inner steps':^38}",
-             f"{'algorithm':<9} {'steps':>5} {metric:>9} {'ci95':>9}   | {'steps':>5} "
+    lines = [f"{'':<9} {'after test steps':^26} | {'a meta-iteration with inner steps':^38}",
+             f"{'algorithm':<9} {'steps':>5} {metric:>20}   | {'steps':>5} "
              f"{'saved MB':>9} {'cuda MB':>8} {'s/iter':>9}"]
     for r in records:
         cuda = "-" if r["cuda_peak_bytes"] is None else f"{r['cuda_peak_bytes'] / 2**20:.1f}"
-        lines.append(f"{r['algorithm']:<9} {r['test_steps']:>5} {r[metric]:>9.4f} "
-                     f"{r['ci95']:>9.4f}   | {r['train_inner_steps']:>5} "
-                     f"{r['saved_bytes'] / 2**20:>9.2f} {cuda:>8} "
+        lines.append(f"{r['algorithm']:<9} {r['test_steps']:>5} "
+                     f"{format_metric(metric, r[metric], r['ci95']):>20}   | "
+                     f"{r['train_inner_steps']:>5} {r['saved_bytes'] / 2**20:>9.2f} {cuda:>8} "
                      f"{r['seconds_per_iteration']:>9.4f}")
     return "\n".join(lines)
 

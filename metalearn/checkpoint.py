@@ -192,7 +192,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         reason = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a metalearn checkpoint ({type(err).__name__}: "
-            f"{reason}); delete it or start without --resume"
+            f"{reason}); delete or replace the file"
         ) from None
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"{path} is not a metalearn checkpoint (no 'format' key)")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from metalearn.config import ALGORITHMS, DATASETS, OUTER_OPTIMIZERS, SCHEDULES, TrainConfig
+from metalearn.evaluation import format_metric
 
 
 def _number(kind: type, minimum: float, strict: bool):
@@ -253,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
             return _search(args, parser)
         return _bench(args, parser)
     except (FileNotFoundError, OmniglotError, CheckpointError) as err:
-        print(f"metalearn {args.command}: error: {err}", file=sys.stderr)
+        advice = (" (or start without --resume)" if isinstance(err, CheckpointError)
+                  and getattr(args, "resume", False) else "")
+        print(f"metalearn {args.command}: error: {err}{advice}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\nmetalearn {args.command}: interrupted; checkpoints on disk are intact",
@@ -301,8 +304,10 @@ def _train(args, parser) -> int:
         print(f"metalearn train: error: {err}", file=sys.stderr)
         return 1
     best = result.best or {}
-    print(f"trained {result.iteration} iterations; best validation {best.get('metric')} "
-          f"{best.get('value', float('nan')):.4f} at iteration {best.get('iteration')}"
+    value = (format_metric(best["metric"], best["value"], best.get("ci95")) if best
+             else "none (no finite validation value)")
+    print(f"trained {result.iteration} iterations; best validation {best.get('metric', '')} "
+          f"{value} at iteration {best.get('iteration')}"
           f"{' (early stop)' if result.stopped_early else ''}")
     print(f"checkpoint: {ckpt}  best: {ckpt.with_suffix('.best.pt')}  "
           f"log: {ckpt.with_suffix('.jsonl')}")
@@ -388,8 +393,8 @@ def _search(args, parser) -> int:
     print(f"validation {result.metric} ({direction} is better), best first:")
     for row in result.ranking():
         point = ", ".join(f"{k}={v}" for k, v in row["point"].items())
-        ci = f" ± {row['ci95']:.4f}" if row["ci95"] is not None else ""
-        print(f"  {row['value']:.4f}{ci}  {point}  ({row['seeds']} seed(s))")
+        value = format_metric(result.metric, row["value"], row["ci95"])
+        print(f"  {value}  {point}  ({row['seeds']} seed(s))")
     print(f"all trials: {args.out}")
     best = [t for t in result.trials if t["point"] == result.best["point"]]
     if best and best[0]["checkpoint"]:

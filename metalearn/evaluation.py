@@ -81,6 +81,21 @@ class EvaluationResult:
         return "\n".join(lines)
 
 
+def format_metric(metric: str, value: float, ci95: float | None = None) -> str:
+    """One unit everywhere people read results: accuracy in percent, MSE as a number.
+
+    Example:
+        >>> from metalearn.evaluation import format_metric
+        >>> format_metric("accuracy", 0.9512, 0.0123), format_metric("mse", 0.4567)
+        ('95.12% ± 1.23', '0.4567')
+    """
+    if metric == "accuracy":
+        text = f"{100 * value:.2f}%"
+        return text if ci95 is None else f"{text} ± {100 * ci95:.2f}"
+    text = f"{value:.4g}"
+    return text if ci95 is None else f"{text} ± {ci95:.2g}"
+
+
 def _check_args(tasks: TaskBatch, max_steps: int, batch_size: int) -> None:
     if not isinstance(tasks, TaskBatch):
         raise TypeError(f"tasks must be a TaskBatch, got {type(tasks).__name__}")
