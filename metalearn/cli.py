@@ -69,6 +69,8 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
     g.add_argument("--iterations", type=_positive_int, help=iterations_help)
     g.add_argument("--data-root", help="folder holding omniglot/*.zip (default: "
                    "$METALEARN_DATA, then ~/.cache/metalearn)")
+    g.add_argument("--download", action="store_true", help="download the Omniglot zips "
+                   "into the data folder if they are missing (verified before use)")
     a = p.add_argument_group("inner loop")
     a.add_argument("--inner-lr", type=_positive_float)
     a.add_argument("--inner-steps", type=_non_negative_int)
@@ -175,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--non-transductive", action="store_true", help="predict each query with "
                     "the support set only (Reptile's protocol)")
     ev.add_argument("--seed", type=int, default=12345, help="seed of the test task set")
-    ev.add_argument("--data-root")
+    ev.add_argument("--data-root", help="folder holding omniglot/*.zip (default: the "
+                    "checkpoint's, then $METALEARN_DATA, then ~/.cache/metalearn)")
+    ev.add_argument("--download", action="store_true", help="download the Omniglot zips "
+                    "if they are missing")
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ev.add_argument("--out", type=Path, help="write the result as JSON")
     ev.add_argument("--no-progress", action="store_true")
@@ -246,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = args.command_parser
     _one_line_cache_warnings(args.command)
     try:
+        _fetch_data(args)
         if args.command == "train":
             return _train(args, parser)
         if args.command == "eval":
@@ -256,12 +262,35 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, OmniglotError, CheckpointError) as err:
         advice = (" (or start without --resume)" if isinstance(err, CheckpointError)
                   and getattr(args, "resume", False) else "")
-        print(f"metalearn {args.command}: error: {err}{advice}", file=sys.stderr)
+        text = _cli_words(str(err)) if isinstance(err, OmniglotError) else str(err)
+        print(f"metalearn {args.command}: error: {text}{advice}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\nmetalearn {args.command}: interrupted; checkpoints on disk are intact",
               file=sys.stderr)
         return 130
+
+
+def _cli_words(message: str) -> str:
+    """The data errors' advice in the command's words: flags, not the library's arguments."""
+    for library, flag in (("pass download=True", "add --download"),
+                          ("with download=True", "with --download"),
+                          ("Re-run with download=True", "Re-run with --download"),
+                          ("pass its parent as root=", "pass its parent with --data-root"),
+                          ("point root= / METALEARN_DATA", "point --data-root / METALEARN_DATA"),
+                          ("pass root= (or set", "pass --data-root (or set"),
+                          ("or pass url= / set METALEARN_OMNIGLOT_URL",
+                           "or set METALEARN_OMNIGLOT_URL")):
+        message = message.replace(library, flag)
+    return message
+
+
+def _fetch_data(args) -> None:
+    """``--download``: fetch the Omniglot zips that are missing, before anything is built."""
+    if getattr(args, "download", False):
+        from metalearn.data.omniglot_archive import download_archives
+
+        download_archives(args.data_root, progress=not args.no_progress)
 
 
 def _one_line_cache_warnings(command: str) -> None:

@@ -120,3 +120,24 @@ def test_failed_download_leaves_no_file(server, nowhere, monkeypatch, mode, erro
     assert server.requests == ["/omniglot/images_background.zip"]  # stopped at the first
     assert list((nowhere / "omniglot").iterdir()) == []  # neither final name nor temp file
     assert not (nowhere.parent / "cache").exists()
+
+
+def test_the_cli_downloads_with_a_flag_and_speaks_in_flags(server, nowhere, monkeypatch,
+                                                            capsys):
+    from metalearn.cli import main
+
+    monkeypatch.setenv("METALEARN_OMNIGLOT_URL", server.url)
+    argv = ["train", "--dataset", "omniglot", "--data-root", str(nowhere), "--iterations", "1",
+            "--val-every", "1", "--val-tasks", "2", "--no-progress",
+            "--checkpoint", str(nowhere.parent / "run.pt")]
+    # Without --download: the advice names the flags, not the library's arguments.
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "add --download" in err and "--data-root" in err
+    assert "download=True" not in err and "root=" not in err
+    assert server.requests == []
+    assert main([*argv, "--download"]) == 0
+    assert server.requests == ["/omniglot/images_background.zip",
+                               "/omniglot/images_evaluation.zip"]
+    assert sorted(p.name for p in (nowhere / "omniglot").iterdir()) == [
+        "images_background.zip", "images_evaluation.zip"]
