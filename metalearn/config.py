@@ -54,6 +54,12 @@ _OUTER = {"outer_flood": None}  # every learner with an outer loss
 # its reference code; unchecked). On Omniglot: the paper's lambda 2, and the inner lr that won
 # a validation search at that lambda (benchmarks/results/imaml_inner_lr_search.json); MAML's
 # 0.4 leaves the proximal inner problem unconverged (see docs/algorithms/imaml.md).
+# MAML++ on Omniglot: the reference code's 5w1s config (HowToTrainYourMAMLPytorch,
+# experiment_config/omniglot_maml++-omniglot_1_8_0.1_64_5_0.json): LSLR rates start at 0.1,
+# 8 tasks per meta-batch, 100 epochs of 500 iterations with the meta learning rate annealed
+# by a cosine, 5 steps in training and evaluation. MAML's 0.4 over 5 steps overshoots.
+_MAMLPP_OMNIGLOT = dict(inner_lr=0.1, meta_batch=8, iterations=50_000, schedule="cosine",
+                        eval_steps=5)
 Builder = Callable[["TrainConfig", nn.Module, dict, bool], MetaLearner]
 
 
@@ -107,7 +113,9 @@ ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
                                               "multi_step_loss": True, "msl_iterations": 5000,
                                               "first_order_iterations": 0,
                                               "per_step_bn": True},
-                            defaults={"inner_steps": 5}),
+                            defaults={"inner_steps": 5},
+                            # The reference code's Omniglot 5w1s config (see _MAMLPP_OMNIGLOT).
+                            dataset_defaults={"omniglot": _MAMLPP_OMNIGLOT}),
     "imaml": AlgorithmSpec("maml", _imaml, {**_OUTER, "imaml_lambda": 1.0, "cg_steps": 5},
                            defaults={"inner_steps": 16},
                            dataset_defaults={"omniglot": dict(imaml_lambda=2.0,

@@ -65,3 +65,19 @@ def test_the_cli_names_the_misplaced_option(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "usage: metalearn train" in err and "lslr applies to algorithm='mamlpp' only" in err
+
+
+def test_mamlpp_on_omniglot_takes_the_reference_codes_config():
+    # HowToTrainYourMAMLPytorch, experiment_config/omniglot_maml++-omniglot_1_8_0.1_64_5_0.json:
+    # init_inner_loop_learning_rate 0.1, batch_size 8, 100 epochs x 500 iterations, cosine
+    # meta-lr annealing, 5 steps in training and evaluation, multi-step loss over 10 epochs.
+    cfg = TrainConfig(dataset="omniglot", algorithm="mamlpp").resolved()
+    got = {k: getattr(cfg, k) for k in ("inner_lr", "meta_batch", "iterations", "schedule",
+                                        "inner_steps", "eval_steps", "msl_iterations",
+                                        "outer_lr", "shots", "queries")}
+    assert got == dict(inner_lr=0.1, meta_batch=8, iterations=50_000, schedule="cosine",
+                       inner_steps=5, eval_steps=5, msl_iterations=5000, outer_lr=1e-3,
+                       shots=1, queries=1)
+    # A flag still wins over the dataset default.
+    flagged = TrainConfig(dataset="omniglot", algorithm="mamlpp", inner_lr=0.4).resolved()
+    assert flagged.inner_lr == 0.4
