@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch.func import vmap
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from metalearn.data.task_batch import TaskBatch
 

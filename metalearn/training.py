@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from metalearn.algorithms.base import MetaLearner
 from metalearn.checkpoint import (

@@ -20,3 +20,16 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert "accuracy" not in text and "mse" in text  # the MAML evaluation table printed
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4
+
+
+def test_the_committed_notebook_keeps_its_outputs_and_nothing_noisy():
+    # Committed executed (notebooks/make_quickstart.py), so that it reads on a repository
+    # page; no warnings or errors among its outputs.
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code)
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert [o for o in outputs if "image/png" in o.get("data", {})]
+    assert not [o for o in outputs if o.get("output_type") == "error"
+                or o.get("name") == "stderr"]
+    assert not code[0].get("outputs")  # the imports print nothing
