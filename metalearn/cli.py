@@ -231,7 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--resume", action="store_true", help="reuse the trials already in --out "
                     "that had the same settings")
     _add_run_options(se, "meta-iterations per trial (default: the paper's schedule)")
-    for p in (tr, ev, be, se):  # errors found after parsing print this command's usage
+    pl = sub.add_parser("plot", allow_abbrev=False,
+                        help="draw runs' training and validation curves to a PNG",
+                        description="Training loss and validation accuracy (%%) or MSE with "
+                        "its 95%% CI against meta-iterations, from the JSON-lines logs that "
+                        "train writes beside its checkpoint (RUN.jsonl for --checkpoint "
+                        "RUN.pt). Several logs overlay. Example: metalearn plot "
+                        "runs/omniglot_maml.jsonl runs/omniglot_fomaml.jsonl")
+    pl.add_argument("logs", nargs="+", type=Path, metavar="RUN.jsonl")
+    pl.add_argument("--out", type=Path, help="the PNG to write (default: the first log's "
+                    "path with .png)")
+    pl.add_argument("--labels", type=lambda t: [x.strip() for x in t.split(",")],
+                    help="comma-separated legend labels, one per log (default: file names)")
+    pl.set_defaults(no_malloc_reuse=True)  # nothing to train: leave the allocator alone
+    for p in (tr, ev, be, se, pl):  # errors found after parsing print this command's usage
         p.set_defaults(command_parser=p)
     return parser
 
@@ -258,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "search":
             return _search(args, parser)
+        if args.command == "plot":
+            return _plot(args)
         return _bench(args, parser)
     except (FileNotFoundError, OmniglotError, CheckpointError) as err:
         advice = (" (or start without --resume)" if isinstance(err, CheckpointError)
@@ -428,6 +443,21 @@ def _search(args, parser) -> int:
     best = [t for t in result.trials if t["point"] == result.best["point"]]
     if best and best[0]["checkpoint"]:
         print(f"test the winner once: metalearn eval --checkpoint {best[0]['checkpoint']}")
+    return 0
+
+
+def _plot(args) -> int:
+    from metalearn.plot_run import RunLogError, plot_runs
+
+    out = args.out or args.logs[0].with_suffix(".png")
+    try:
+        path = plot_runs(args.logs, out, labels=args.labels)
+    except RunLogError as err:
+        if "labels for" in str(err):
+            args.command_parser.error(f"--labels: {err}")
+        print(f"metalearn plot: error: {err}", file=sys.stderr)
+        return 1
+    print(f"plot: {path}")
     return 0
 
 
