@@ -101,6 +101,14 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
                    "lambda (default 2.0 on omniglot, the paper's; 1.0 on sine)")
     v.add_argument("--cg-steps", type=_non_negative_int, help="imaml: conjugate-gradient "
                    "steps (default 5; 0 = first order)")
+    v.add_argument("--imaml-inner-solve", choices=("proximal", "pullback"), help="imaml: "
+                   "proximal = the paper's inner problem (default); pullback = its reference "
+                   "code's plain steps then one pull-back step (evaluation then adapts with "
+                   "lambda 0, as that code tests)")
+    v.add_argument("--cg-damping", type=_non_negative_float, help="imaml: the reference "
+                   "code's cg_damping, adds it times I to the CG matrix (default 0)")
+    v.add_argument("--lam-damping", type=_non_negative_float, help="imaml: the reference "
+                   "code's lam_damping, divides H by lambda + it (default 0)")
     v.add_argument("--lslr", action=argparse.BooleanOptionalAction, help="mamlpp: per-layer "
                    "per-step learnable inner lrs (default on)")
     v.add_argument("--msl", dest="multi_step_loss", action=argparse.BooleanOptionalAction,
@@ -133,8 +141,9 @@ def _config_from(args: argparse.Namespace, **extra) -> TrainConfig:
             "inner_lr", "inner_steps", "inner_batch", "inner_optimizer", "inner_flood",
             "flood_mode", "outer_flood", "label_smoothing", "outer_optimizer", "outer_lr",
             "weight_decay", "schedule", "init", "dropout", "seed", "device")
-    keys += ("first_order", "anil_inner", "imaml_lambda", "cg_steps", "lslr", "multi_step_loss",
-             "msl_iterations", "first_order_iterations", "per_step_bn")
+    keys += ("first_order", "anil_inner", "imaml_lambda", "cg_steps", "imaml_inner_solve",
+             "cg_damping", "lam_damping", "lslr", "multi_step_loss", "msl_iterations",
+             "first_order_iterations", "per_step_bn")
     keys += ("memory_saving",)
     values = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     values.update(extra)

@@ -42,7 +42,8 @@ class AlgorithmSpec:
 
 # Settings that only some algorithms use: set for another one, they are an error, not
 # silently ignored.
-VARIANT_OPTIONS = ("first_order", "anil_inner", "imaml_lambda", "cg_steps", "lslr",
+VARIANT_OPTIONS = ("first_order", "anil_inner", "imaml_lambda", "cg_steps",
+                   "imaml_inner_solve", "cg_damping", "lam_damping", "lslr",
                    "multi_step_loss", "msl_iterations", "first_order_iterations",
                    "per_step_bn", "memory_saving", "inner_batch", "inner_optimizer",
                    "eval_inner_batch", "outer_flood")
@@ -98,8 +99,13 @@ def _mamlpp(cfg: TrainConfig, model: nn.Module, loss: dict, evaluation: bool) ->
 
 
 def _imaml(cfg: TrainConfig, model: nn.Module, loss: dict, evaluation: bool) -> MetaLearner:
-    return IMAML(model, cfg.inner_lr, cfg.inner_steps, lam=cfg.imaml_lambda,
-                 cg_steps=cfg.cg_steps, outer_flood=cfg.outer_flood, **loss)
+    # The reference code tests with lam 0: plain steps, no pull-back.
+    pullback = cfg.imaml_inner_solve == "pullback"
+    lam = 0.0 if pullback and evaluation else cfg.imaml_lambda
+    return IMAML(model, cfg.inner_lr, cfg.inner_steps, lam=lam,
+                 cg_steps=0 if evaluation else cfg.cg_steps,
+                 inner_solve=cfg.imaml_inner_solve, cg_damping=cfg.cg_damping,
+                 lam_damping=cfg.lam_damping, outer_flood=cfg.outer_flood, **loss)
 
 
 ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
@@ -116,7 +122,9 @@ ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
                             defaults={"inner_steps": 5},
                             # The reference code's Omniglot 5w1s config (see _MAMLPP_OMNIGLOT).
                             dataset_defaults={"omniglot": _MAMLPP_OMNIGLOT}),
-    "imaml": AlgorithmSpec("maml", _imaml, {**_OUTER, "imaml_lambda": 1.0, "cg_steps": 5},
+    "imaml": AlgorithmSpec("maml", _imaml, {**_OUTER, "imaml_lambda": 1.0, "cg_steps": 5,
+                                            "imaml_inner_solve": "proximal",
+                                            "cg_damping": 0.0, "lam_damping": 0.0},
                            defaults={"inner_steps": 16},
                            dataset_defaults={"omniglot": dict(imaml_lambda=2.0,
                                                               inner_lr=0.025)}),
@@ -170,7 +178,9 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{name: (_finite(0, True), "a finite number > 0") for name in (
         "inner_lr", "outer_lr", "imaml_lambda")},
     **{name: (_finite(0, False), "a finite number >= 0") for name in (
-        "weight_decay", "dropout", "label_smoothing", "inner_flood", "outer_flood")},
+        "weight_decay", "dropout", "label_smoothing", "inner_flood", "outer_flood",
+        "cg_damping", "lam_damping")},
+    "imaml_inner_solve": (_one_of(("proximal", "pullback")), "one of ('proximal', 'pullback')"),
     "outer_optimizer": (_one_of(OUTER_OPTIMIZERS), f"one of {OUTER_OPTIMIZERS}"),
     "schedule": (_one_of(SCHEDULES), f"one of {SCHEDULES}"),
     "inner_optimizer": (_one_of(("sgd", "adam")), "one of ('sgd', 'adam')"),
@@ -231,6 +241,9 @@ class TrainConfig:
     anil_inner: str | None = None
     imaml_lambda: float | None = None
     cg_steps: int | None = None
+    imaml_inner_solve: str | None = None
+    cg_damping: float | None = None
+    lam_damping: float | None = None
     lslr: bool | None = None
     multi_step_loss: bool | None = None
     msl_iterations: int | None = None

@@ -9,7 +9,7 @@ from torch.func import functional_call
 from metalearn import IMAML, MAML
 from metalearn.algorithms.imaml import conjugate_gradient
 from metalearn.cli import _config_from, build_parser
-from metalearn.config import build_learner
+from metalearn.config import TrainConfig, build_learner
 from metalearn.data import SineTasks, TaskBatch
 from metalearn.memory import memory_profile
 from metalearn.models import MLP
@@ -200,3 +200,67 @@ def test_omniglot_preset_is_the_papers_lambda_with_its_own_inner_lr():
     assert (given.imaml_lambda, given.inner_lr) == (5.0, 0.1)
     maml = TrainConfig(dataset="omniglot", algorithm="maml").resolved()
     assert (maml.inner_lr, maml.imaml_lambda) == (0.4, None)
+
+
+def test_the_reference_codes_protocol_against_a_dense_solve():
+    # aravindr93/imaml_dev: plain SGD steps on the support loss, one pull-back step on
+    # lam/2 |phi - theta|^2, then CG on (1 + cg_damping) I + H / (lam + lam_damping).
+    model, batch = smooth_net(), smooth_tasks(seed=2)
+    flat = Flat(model)
+    lr, steps, lam, cg_damping, lam_damping = 0.1, 16, 2.0, 1.0, 10.0
+    n = len(flat.vector())
+    learner = IMAML(model, lr, steps, lam=lam, cg_steps=n, inner_solve="pullback",
+                    cg_damping=cg_damping, lam_damping=lam_damping)
+    learner.step(batch)
+    theta, want, phis = flat.vector(), 0.0, []
+    for i in range(len(batch)):
+        sx, sy = batch.support_x[i], batch.support_y[i]
+        phi = theta.clone()
+        for _ in range(steps):
+            phi = phi - lr * torch.func.grad(flat.loss)(phi, sx, sy)
+        phi = phi - lr * lam * (phi - theta)
+        phis.append(phi)
+        h = torch.autograd.functional.hessian(lambda v, sx=sx, sy=sy: flat.loss(v, sx, sy), phi)
+        a = (1 + cg_damping) * torch.eye(n, dtype=phi.dtype) + h / (lam + lam_damping)
+        v = torch.func.grad(flat.loss)(phi, batch.query_x[i], batch.query_y[i])
+        want = want + torch.linalg.solve(a, v) / len(batch)
+    torch.testing.assert_close(flat_grad(model), want, rtol=1e-8, atol=1e-11)
+    fast = learner.adapt(batch.support_x, batch.support_y)
+    got = torch.cat([fast[k][1].reshape(-1) for k in flat.shapes])
+    torch.testing.assert_close(got, phis[1], rtol=1e-10, atol=1e-12)
+
+
+def test_the_reference_protocol_tests_with_lam_zero_and_checks_its_arguments():
+    model, batch = smooth_net(), smooth_tasks()
+    # lam = 0 (the reference's test setting): no pull-back, the plain inner steps only.
+    plain = IMAML(model, 0.1, 3, lam=0.0, cg_steps=0, inner_solve="pullback")
+    fomaml = MAML(model, 0.1, 3, first_order=True)
+    a = plain.adapt(batch.support_x, batch.support_y)
+    b = fomaml.adapt(batch.support_x, batch.support_y)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="lam \\+ lam_damping must be > 0"):
+        IMAML(model, 0.1, 3, lam=0.0, cg_steps=2, inner_solve="pullback")
+    with pytest.raises(ValueError, match="inner_solve must be one of"):
+        IMAML(model, 0.1, 3, inner_solve="newton")
+    with pytest.raises(ValueError, match="cg_damping must be a finite number >= 0"):
+        IMAML(model, 0.1, 3, cg_damping=-1.0)
+
+
+def test_the_reference_protocol_from_the_cli():
+    args = build_parser().parse_args([
+        "train", "--dataset", "omniglot", "--algorithm", "imaml", "--imaml-inner-solve",
+        "pullback", "--cg-damping", "1", "--lam-damping", "10", "--inner-lr", "0.1"])
+    cfg = _config_from(args, algorithm=args.algorithm).resolved()
+    torch.manual_seed(0)
+    model = MLP()
+    train = build_learner(cfg, model)
+    assert (train.inner_solve, train.lam, train.cg_damping, train.lam_damping) == (
+        "pullback", 2.0, 1.0, 10.0)
+    test = build_learner(cfg, model, evaluation=True)
+    assert (test.inner_solve, test.lam) == ("pullback", 0.0)  # the reference tests at lam 0
+    default = TrainConfig(dataset="omniglot", algorithm="imaml").resolved()
+    assert (default.imaml_inner_solve, default.cg_damping, default.lam_damping) == (
+        "proximal", 0.0, 0.0)
+    with pytest.raises(ValueError, match="cg_damping applies to algorithm='imaml' only"):
+        TrainConfig(algorithm="maml", cg_damping=1.0).resolved()

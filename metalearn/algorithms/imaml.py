@@ -17,6 +17,15 @@ from metalearn.data.task_batch import TaskBatch
 
 __all__ = ["IMAML", "conjugate_gradient"]
 
+INNER_SOLVES = ("proximal", "pullback")
+
+
+def check_non_negative(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+            or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
 
 class IMAML(MetaLearner):
     """Implicit MAML: a proximal inner problem and an implicit meta-gradient.
@@ -34,13 +43,26 @@ class IMAML(MetaLearner):
     definite, CG stops at the first direction of non-positive curvature
     (:func:`~metalearn.algorithms.implicit.conjugate_gradient`).
 
+    ``inner_solve="pullback"`` with ``cg_damping`` and ``lam_damping`` is the protocol of
+    the paper's reference code (aravindr93/imaml_dev, ``examples/omniglot_implicit_maml.py``),
+    which differs from the paper's formulas: the inner loop takes ``inner_steps`` plain
+    gradient steps on the support loss, then one step on ``(lam / 2) ||phi - theta||^2``
+    alone (``phi <- phi - inner_lr * lam * (phi - theta)``), and CG solves
+    ``((1 + cg_damping) I + H / (lam + lam_damping)) g = grad L_query(phi)`` (the reference
+    runs lam 2, cg_damping 1, lam_damping 10, inner_lr 0.1, and tests with lam 0).
+
     Args:
         model: any ``nn.Module``.
         inner_lr: step size of the inner gradient descent on the proximal objective.
         inner_steps: inner steps (the reference code uses 16 for Omniglot).
-        lam: the proximal strength lambda (> 0); large values keep phi near theta.
+        lam: the proximal strength lambda (> 0; with ``inner_solve="pullback"`` 0 is allowed
+            and means no pull-back); large values keep phi near theta.
         cg_steps: conjugate-gradient iterations; 0 skips the solve and uses the
             first-order gradient ``grad L_query(phi)``.
+        inner_solve: ``"proximal"`` (the paper: gradient descent on the proximal objective)
+            or ``"pullback"`` (the reference code: plain steps, then one pull-back step).
+        cg_damping: the reference code's ``cg_damping`` (0 = the paper's matrix).
+        lam_damping: the reference code's ``lam_damping`` (0 = the paper's matrix).
         loss: as for :class:`~metalearn.MAML`.
         **loss_options: as for :class:`~metalearn.MAML`.
 
@@ -60,10 +82,23 @@ class IMAML(MetaLearner):
     """
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int, lam: float = 1.0,
-                 cg_steps: int = 5, loss: TaskLoss | None = None, **loss_options: Any) -> None:
+                 cg_steps: int = 5, loss: TaskLoss | None = None, *,
+                 inner_solve: str = "proximal", cg_damping: float = 0.0,
+                 lam_damping: float = 0.0, **loss_options: Any) -> None:
         super().__init__(model, inner_lr, inner_steps, loss=loss, **loss_options)
-        self.lam = check_lr("lam", lam)
+        if inner_solve not in INNER_SOLVES:
+            raise ValueError(f"inner_solve must be one of {INNER_SOLVES}, got {inner_solve!r}")
+        self.inner_solve = inner_solve
         self.cg_steps = check_steps("cg_steps", cg_steps)
+        self.cg_damping = check_non_negative("cg_damping", cg_damping)
+        self.lam_damping = check_non_negative("lam_damping", lam_damping)
+        if inner_solve == "proximal":
+            self.lam = check_lr("lam", lam)
+        else:
+            self.lam = check_non_negative("lam", lam)
+            if self.cg_steps and self.lam + self.lam_damping == 0:
+                raise ValueError("lam + lam_damping must be > 0 for the conjugate-gradient "
+                                 "solve; raise lam or lam_damping, or set cg_steps=0")
 
     def proximal_loss(self, phi: Params, theta: Params, x: torch.Tensor, y: torch.Tensor,
                       order: int = 0) -> torch.Tensor:
@@ -73,12 +108,27 @@ class IMAML(MetaLearner):
 
     def adapt_task(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int,
                    first_order: bool, trajectory: bool = False):
+        if self.inner_solve == "pullback":
+            return self._adapt_with_pullback(params, x, y, steps, trajectory)
+
         def loss(phi: Params, step: int, order: int) -> torch.Tensor:
             return self.proximal_loss(phi, params, x, y, order)
 
         # No graph through the solve: the meta-gradient is implicit.
         return inner_loop(loss, params, steps, sgd(self.inner_lr), first_order=True,
                           trajectory=trajectory)
+
+    def _adapt_with_pullback(self, params: Params, x: torch.Tensor, y: torch.Tensor,
+                             steps: int, trajectory: bool):
+        """The reference code's inner loop: plain steps, then one step on the proximal term."""
+        def loss(phi: Params, step: int, order: int) -> torch.Tensor:
+            return self.support_loss(phi, x, y, order)
+
+        fast, path = inner_loop(loss, params, steps, sgd(self.inner_lr), first_order=True,
+                                trajectory=True)
+        shrink = self.inner_lr * self.lam
+        fast = {k: v - shrink * (v - params[k]) for k, v in fast.items()}
+        return (fast, path[:-1] + [fast]) if trajectory else fast
 
     def _task_meta_grad(self, theta: Params, sx: torch.Tensor, sy: torch.Tensor,
                         qx: torch.Tensor, qy: torch.Tensor):
@@ -90,7 +140,8 @@ class IMAML(MetaLearner):
 
         v, (loss, metric) = grad(query, has_aux=True)(phi)
         g = implicit_meta_gradient(lambda p: self.support_loss(p, sx, sy, 2), phi, v,
-                                   self.lam, self.cg_steps)
+                                   self.lam + self.lam_damping, self.cg_steps,
+                                   damping=self.cg_damping)
         return g, loss, metric
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[Params, torch.Tensor, torch.Tensor]:

@@ -65,7 +65,8 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
 
 
 def implicit_meta_gradient(support_loss: Callable[[Params], torch.Tensor], phi: Params,
-                           query_grad: Params, lam: float, cg_steps: int) -> Params:
+                           query_grad: Params, lam: float, cg_steps: int,
+                           damping: float = 0.0) -> Params:
     """``(I + H / lam)^-1 query_grad``, with ``H`` the Hessian of ``support_loss`` at ``phi``.
 
     At the solution ``phi`` of the proximal inner problem ``min L_support(phi) + (lam / 2)
@@ -73,6 +74,7 @@ def implicit_meta_gradient(support_loss: Callable[[Params], torch.Tensor], phi: 
     (I + H / lam)^-1``, so this is the task's meta-gradient. It is solved with
     ``cg_steps`` iterations of :func:`conjugate_gradient` on Hessian-vector products
     (reverse over reverse); ``cg_steps == 0`` returns ``query_grad`` (first order).
+    ``damping`` adds ``damping * I`` to the matrix, as the reference code's ``cg_damping``.
     """
     if cg_steps == 0:
         return query_grad
@@ -82,6 +84,6 @@ def implicit_meta_gradient(support_loss: Callable[[Params], torch.Tensor], phi: 
 
     def matvec(t: Params) -> Params:
         hvp = grad(support_grad_dot)(phi, t)  # H t
-        return {k: t[k] + hvp[k] / lam for k in t}
+        return {k: (1.0 + damping) * t[k] + hvp[k] / lam for k in t}
 
     return conjugate_gradient(matvec, query_grad, cg_steps)
