@@ -12,7 +12,7 @@ from torch.func import vmap
 from metalearn.algorithms.base import MetaLearner
 from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.inner_loop import Update, adam, inner_loop, sgd
-from metalearn.algorithms.losses import TaskLoss, accuracy, per_example_loss
+from metalearn.algorithms.losses import TaskLoss, accuracy
 from metalearn.data.task_batch import TaskBatch
 
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -181,7 +181,7 @@ class Reptile(MetaLearner):
         with torch.no_grad():
             out = self.predict(fast, batch.query_x)
             flat_out, flat_y = out.flatten(0, 1), batch.query_y.flatten(0, 1)
-            metrics = {"loss": per_example_loss(flat_out, flat_y).mean().item()}
+            metrics = {"loss": self.loss.unsmoothed(flat_out, flat_y).mean().item()}
             if batch.is_classification:
                 metrics["accuracy"] = accuracy(flat_out, flat_y).item()
         return metrics
