@@ -16,8 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metalearn import ANIL, FOMAML, IMAML, MAML, GradientCombination, MAMLPlusPlus, MetaSGD
-from metalearn import Reptile, TaskBatch
+from metalearn import (
+    ANIL,
+    FOMAML,
+    IMAML,
+    MAML,
+    GradientCombination,
+    MAMLPlusPlus,
+    MetaSGD,
+    Reptile,
+    TaskBatch,
+)
 from metalearn.algorithms.losses import LossShapeError, TaskLoss
 from metalearn.algorithms.maml_plus_plus import msl_weights
 from metalearn.algorithms.meta_sgd import param_key
@@ -218,7 +227,7 @@ def test_imaml_against_a_dense_implicit_gradient(loss_name):
             phi = phi - lr * g
         p = phi.clone().requires_grad_()
         v, = torch.autograd.grad(loss(p, batch.query_x[i], batch.query_y[i]), p)
-        h = torch.autograd.functional.hessian(lambda q: loss(q, sx, sy), phi)
+        h = torch.autograd.functional.hessian(lambda q, sx=sx, sy=sy: loss(q, sx, sy), phi)
         total += torch.linalg.solve(torch.eye(len(phi), dtype=phi.dtype) + h / lam, v)
     want = unflat(total / len(batch))
     assert_grads(grads_of(model), want, atol=1e-9)
