@@ -77,6 +77,11 @@ class Reptile(MetaLearner):
         >>> opt.step()
     """
 
+    _no_differentiable_adapt = (
+        "Reptile's update theta - phi is not the gradient of a loss through the adapted "
+        "weights, so adapt(differentiable=True) has no meta-gradient to keep; use step() "
+        "for Reptile, or FOMAML/MAML for an outer loop of your own")
+
     def __init__(
         self,
         model: nn.Module,
