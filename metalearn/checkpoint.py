@@ -22,8 +22,9 @@ DIGEST_KEY = "digest"
 # From this "format" on a checkpoint must carry a digest; format 1 (before digests) is read
 # unverified, since runs started before them still write it.
 DIGEST_SINCE_FORMAT = 2
-# The newest format load_checkpoint understands.
-MAX_FORMAT = 2
+# The newest format load_checkpoint understands (3: a run of the user's own objects,
+# metalearn.training.CHECKPOINT_FORMAT).
+MAX_FORMAT = 3
 # The state entries that hold the model; a non-finite value in them is refused on load.
 MODEL_KEYS = ("model", "learner")
 

@@ -377,6 +377,12 @@ def _eval(args) -> int:
     from metalearn.evaluation import evaluate
 
     state = load_checkpoint(args.checkpoint)
+    if state.get("user"):
+        raise CheckpointError(
+            f"{args.checkpoint} was trained with objects of your own "
+            f"({', '.join(sorted(k for k in state['user'] if k != 'val_tasks'))}), which the "
+            "command line cannot build; evaluate it in Python: load state['model'] into your "
+            "model and call metalearn.evaluate")
     try:
         cfg = TrainConfig.from_dict(state["config"])
         cfg = TrainConfig(**{**cfg.to_dict(), "device": args.device,

@@ -328,15 +328,20 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 
 def build_learner(cfg: TrainConfig, model: nn.Module, evaluation: bool = False,
-                  share: MetaLearner | None = None) -> MetaLearner:
+                  share: MetaLearner | None = None, loss_fn: Callable | None = None
+                  ) -> MetaLearner:
     """The configured algorithm around ``model``; ``evaluation`` uses the eval inner batch.
 
     ``share``: a learner built from the same config whose learned inner-loop state
     (Meta-SGD's and MAML++'s ``learned`` module) the new learner uses, the same tensors.
     Pass the training learner when building its evaluation learner.
+    ``loss_fn``: a per-example loss of the user's instead of the default one
+    (:class:`~metalearn.algorithms.losses.TaskLoss`); the config's flooding applies to it.
     """
     loss = dict(inner_flood=cfg.inner_flood, flood_mode=cfg.flood_mode,
                 label_smoothing=cfg.label_smoothing)
+    if loss_fn is not None:
+        loss["loss_fn"] = loss_fn
     learner = ALGORITHM_SPECS[cfg.algorithm].build(cfg, model, loss, evaluation)
     if share is not None:
         if share.model is not model:

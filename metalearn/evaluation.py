@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,22 +123,111 @@ def _predict_each_query_alone(learner: Any, fast: dict, support_x: torch.Tensor,
     return vmap(over_queries, randomness="different")(fast, support_x, query_x)
 
 
-def _task_metric(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-task accuracy or MSE from outputs ``(B, q, ...)`` and targets ``(B, q[, d])``."""
-    if y.dtype.is_floating_point:
+@dataclass(frozen=True)
+class Metric:
+    """How evaluation and validation score one task's query predictions.
+
+    Args:
+        name: what results and logs call it (``"accuracy"`` is shown in percent).
+        fn: ``fn(outputs, targets)``, one task's query outputs ``(q, ...)`` and targets
+            ``(q, ...)`` to a number (a float or a 0-d tensor).
+        higher_is_better: which way is better, for the best checkpoint and early stopping.
+
+    The defaults are :data:`ACCURACY` for integer labels and :data:`MSE` for float targets;
+    a learner with a ``loss_fn`` of its own is scored on float targets by that loss
+    (:func:`default_metric`). Float targets that are not regression (multi-hot labels, say)
+    want a metric of their own.
+
+    Example:
+        >>> import torch
+        >>> from metalearn.evaluation import Metric
+        >>> def exact_match(out, y):  # multi-label: every label of the example right
+        ...     return ((out > 0).float() == y).all(-1).float().mean()
+        >>> subset = Metric("exact match", exact_match, higher_is_better=True)
+        >>> float(subset.fn(torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, 0.0]])))
+        1.0
+    """
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor], Any]
+    higher_is_better: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Metric name must be a non-empty string, got {self.name!r}")
+        if not callable(self.fn):
+            raise TypeError(f"Metric fn must be callable fn(outputs, targets) -> number, got "
+                            f"{type(self.fn).__name__}")
+
+
+def _accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out.argmax(-1) == y).to(torch.float64).mean()
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out - y).pow(2).mean()
+
+
+ACCURACY = Metric("accuracy", _accuracy, higher_is_better=True)
+MSE = Metric("mse", _mse, higher_is_better=False)
+
+
+def default_metric(classification: bool, loss: Any = None) -> Metric:
+    """The metric for tasks with integer labels (``classification``) or float targets.
+
+    Integer labels: :data:`ACCURACY`. Float targets: :data:`MSE`, or, when ``loss`` (a
+    :class:`~metalearn.algorithms.losses.TaskLoss`) has a ``loss_fn`` of the user's, the
+    mean of that per-example loss (``"loss"``, lower is better): a user loss on float
+    targets says they need not be regression.
+
+    Example:
+        >>> from metalearn.evaluation import default_metric
+        >>> default_metric(True).name, default_metric(False).name
+        ('accuracy', 'mse')
+    """
+    if classification:
+        return ACCURACY
+    if loss is not None and getattr(loss, "loss_fn", None) is not None:
+        return Metric("loss", lambda out, y: loss.unsmoothed(out, y).mean(),
+                      higher_is_better=False)
+    return MSE
+
+
+def _task_metric(out: torch.Tensor, y: torch.Tensor, metric: Metric | None = None
+                 ) -> torch.Tensor:
+    """Per-task values ``(B,)`` from outputs ``(B, q, ...)`` and targets ``(B, q[, d])``;
+    ``metric`` defaults to accuracy for integer labels and MSE for float targets."""
+    if metric is None:
+        metric = MSE if y.dtype.is_floating_point else ACCURACY
+    if metric is MSE:
         return (out - y).pow(2).flatten(1).mean(1)
-    return (out.argmax(-1) == y).to(torch.float64).mean(1)
+    if metric is ACCURACY:
+        return (out.argmax(-1) == y).to(torch.float64).mean(1)
+    values = []
+    for i in range(len(out)):  # a plain loop: a user's metric need not be vmappable
+        v = metric.fn(out[i], y[i])
+        v = torch.as_tensor(v).detach()
+        if v.numel() != 1:
+            raise ValueError(f"metric {metric.name!r} returned shape {tuple(v.shape)} for one "
+                             "task; it must return one number per task (a float or a 0-d "
+                             "tensor)")
+        values.append(v.to(device=out.device, dtype=torch.float64).reshape(()))
+    return torch.stack(values)
 
 
 def evaluate(
     learner: Any,
-    tasks: TaskBatch,
+    tasks: TaskBatch | Any,
     max_steps: int = 10,
     transductive: bool = True,
     batch_size: int = 25,
     progress: bool = True,
+    *,
+    num_tasks: int | None = None,
+    metric: Metric | None = None,
 ) -> EvaluationResult:
-    """Accuracy (classification) or MSE (regression) after 0..``max_steps`` inner steps.
+    """Accuracy (classification), MSE (regression) or a metric of yours after
+    0..``max_steps`` inner steps.
 
     Every task is adapted once on its support set with ``learner.adapt(...,
     trajectory=True)``, and its query set is scored with the weights after each step count,
@@ -149,9 +239,13 @@ def evaluate(
     restored afterwards; BatchNorm layers still normalise with batch statistics.
 
     Args:
-        learner: a meta-learner (``MAML``, ``FOMAML``, ``Reptile``).
-        tasks: the test tasks; processed ``batch_size`` tasks at a time, each chunk moved
-            to the model's device.
+        learner: a meta-learner (``MAML``, ``FOMAML``, ``Reptile``, ...), with the model and
+            loss of your own if you like (``TrainResult.learner`` from
+            :func:`~metalearn.train`).
+        tasks: the test tasks, a :class:`~metalearn.data.TaskBatch`; or a task sampler
+            (anything with ``sample(n) -> TaskBatch``) to draw ``num_tasks`` of them from.
+            Processed ``batch_size`` tasks at a time, each chunk moved to the model's
+            device (and its floating-point dtype).
         max_steps: K, the largest inner-step count scored.
         transductive: ``True`` predicts each task's query set in one forward pass, so
             BatchNorm uses the query set's statistics (the MAML protocol). ``False``
@@ -163,6 +257,10 @@ def evaluate(
             float rounding, and except for random adaptation such as Reptile's
             mini-batches, whose draws depend on the chunk).
         progress: show a tqdm progress bar over the chunks.
+        num_tasks: how many tasks to draw when ``tasks`` is a sampler.
+        metric: a :class:`Metric` of yours; default :func:`default_metric` of the tasks'
+            targets and the learner's loss (accuracy for integer labels; MSE for float
+            targets, or the mean of the learner's ``loss_fn`` if it has one).
 
     Returns:
         An :class:`EvaluationResult`.
@@ -180,16 +278,24 @@ def evaluate(
         >>> result.metric, result.steps, tuple(result.per_task.shape)
         ('mse', [0, 1, 2, 3], (20, 4))
     """
+    tasks = _draw_tasks(tasks, num_tasks)
     _check_args(tasks, max_steps, batch_size)
+    if metric is None:
+        metric = default_metric(tasks.is_classification, getattr(learner, "loss", None))
+    elif not isinstance(metric, Metric):
+        raise TypeError(f"metric must be a metalearn.evaluation.Metric, got "
+                        f"{type(metric).__name__}; wrap a function as Metric(name, fn, "
+                        "higher_is_better=...)")
     model = learner.model
-    device = next(iter(learner.fmodel.params().values())).device
+    reference = next(iter(learner.fmodel.params().values()))
+    device, dtype = reference.device, reference.dtype
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     rows = []
     try:
         starts = range(0, len(tasks), batch_size)
         for start in tqdm(starts, desc="evaluate", unit="chunk", disable=not progress):
-            chunk = tasks[start:start + batch_size].to(device)
+            chunk = tasks[start:start + batch_size].to(device, dtype=dtype)
             path = learner.adapt(chunk.support_x, chunk.support_y, steps=max_steps,
                                  trajectory=True)
             with torch.no_grad():
@@ -200,10 +306,29 @@ def evaluate(
                     else:
                         out = _predict_each_query_alone(learner, fast, chunk.support_x,
                                                         chunk.query_x)
-                    per_step.append(_task_metric(out, chunk.query_y))
+                    per_step.append(_task_metric(out, chunk.query_y, metric))
             rows.append(torch.stack(per_step, 1).cpu())
     finally:
         for m, training in modes:
             m.training = training
-    metric = "accuracy" if tasks.is_classification else "mse"
-    return EvaluationResult.from_per_task(metric, torch.cat(rows))
+    return EvaluationResult.from_per_task(metric.name, torch.cat(rows))
+
+
+def _draw_tasks(tasks: Any, num_tasks: int | None) -> TaskBatch:
+    """``tasks`` itself, or ``num_tasks`` tasks drawn from the sampler ``tasks``."""
+    if isinstance(tasks, TaskBatch):
+        if num_tasks is not None:
+            raise ValueError("num_tasks is for drawing from a sampler; tasks is already a "
+                             "TaskBatch (slice it, tasks[:n], to use fewer)")
+        return tasks
+    if not callable(getattr(tasks, "sample", None)):
+        raise TypeError(f"tasks must be a TaskBatch or a sampler with sample(n) -> TaskBatch, "
+                        f"got {type(tasks).__name__}")
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"tasks is a sampler: give num_tasks, an integer >= 1, for how many "
+                         f"tasks to draw from it (got {num_tasks!r})")
+    drawn = tasks.sample(num_tasks)
+    if not isinstance(drawn, TaskBatch):
+        raise TypeError(f"tasks.sample({num_tasks}) returned {type(drawn).__name__}, not a "
+                        "TaskBatch")
+    return drawn

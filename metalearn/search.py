@@ -7,6 +7,7 @@ on it afterwards, once.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -18,17 +19,23 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from torch import nn
 from tqdm import tqdm
 
 from metalearn.checkpoint import atomic_write
 from metalearn.config import TrainConfig
+from metalearn.evaluation import Metric
 
 SEARCH_FORMAT = 1
 # Not hyperparameters: where and how a run executes, what the search itself controls, or
 # what defines the task (validation values of different tasks do not compare).
 NOT_SEARCHABLE = {"device", "data_root", "seed", "val_every", "val_tasks", "patience",
                   "iterations", "dataset", "ways", "shots", "eval_shots", "eval_queries"}
+# Settings that do nothing once the user gives the object they would configure.
+IGNORED_WITH = {"model": ("init", "dropout"), "train_sampler": ("queries",),
+                "loss": ("label_smoothing",)}
 
 
 @dataclass
@@ -165,8 +172,20 @@ def search(
     out: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    model: nn.Module | None = None,
+    train_sampler: Any = None,
+    val_sampler: Any = None,
+    loss: Any = None,
+    metric: Metric | None = None,
 ) -> SearchResult:
     """Train one run per point of ``space`` (and per seed), and rank them on validation.
+
+    With a model, task samplers, a loss or a metric of your own (as for
+    :func:`~metalearn.training.train`), every trial starts from the same state of them:
+    a copy of ``model`` as given, and the samplers put back to the state they were given
+    in (``load_state_dict``), so that every trial sees the same tasks and validation set.
+    Both samplers need ``state_dict``/``load_state_dict`` here. ``out`` and ``resume``
+    tell the objects' trials apart by what identifies them (their fingerprint).
 
     Args:
         base: the settings shared by all trials, including ``iterations``, ``val_every``,
@@ -179,6 +198,8 @@ def search(
         out: JSON file rewritten atomically after every trial.
         resume: reuse the trials already in ``out`` that were run with the same settings.
         progress: a progress bar over trials.
+        model, train_sampler, val_sampler, loss, metric: objects of your own, as for
+            :func:`~metalearn.training.train`; the ``model`` itself is not trained.
 
     Example:
         >>> from metalearn.config import TrainConfig
@@ -188,12 +209,28 @@ def search(
         >>> len(result.trials), sorted(result.best)
         (2, ['ci95', 'point', 'seeds', 'value'])
     """
-    from metalearn.training import train, validation_metric
+    from metalearn.training import UserObjects, train
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError("search runs its trials one after another in one process; run it "
                            "without torchrun (each trial can then be rerun under torchrun)")
+    objects = UserObjects(model, train_sampler, val_sampler, loss, metric)
+    objects.check()
+    objects.check_config(base)
+    samplers = {name: s for name, s in (("train_sampler", train_sampler),
+                                        ("val_sampler", val_sampler)) if s is not None}
+    for name, sampler in samplers.items():
+        if not (callable(getattr(sampler, "state_dict", None))
+                and callable(getattr(sampler, "load_state_dict", None))):
+            raise TypeError(f"{name} needs state_dict() and load_state_dict(state) in a search: "
+                            "every trial starts it from the state it was given in, so that "
+                            "all trials see the same tasks")
     check_space(space)
+    for name, fields in IGNORED_WITH.items():
+        for key in sorted(set(fields) & set(space)):
+            if getattr(objects, name) is not None:
+                raise ValueError(f"{key} does nothing with {name}= of your own; search its "
+                                 f"settings by building one {name} per value instead")
     if not space:
         raise ValueError("the search space is empty; give at least one setting to vary")
     points = grid_points(space, trials, base.seed)
@@ -213,32 +250,72 @@ def search(
                 configs.append((point, s, dataclasses.replace(base, **point, seed=s).resolved()))
             except ValueError as err:
                 raise ValueError(f"trial {point} (seed {s}): {err}") from None
-    metric, higher_is_better = validation_metric(base.dataset)
-    result = SearchResult(metric=metric, higher_is_better=higher_is_better,
-                          header=_header(base, space, trials, seeds))
-    done = _load_done(out, configs) if resume else {}
+    initial = {name: copy.deepcopy(s.state_dict()) for name, s in samplers.items()}
+    chosen = _validation_metric(objects, base, initial)
+    user = objects.describe()
+    header = _header(base, space, trials, seeds)
+    if user is not None:
+        header["user"] = user
+    result = SearchResult(metric=chosen.name, higher_is_better=chosen.higher_is_better,
+                          header=header)
+    done = _load_done(out, configs, user) if resume else {}
 
     bar = tqdm(configs, disable=not progress, desc="search", dynamic_ncols=True)
     for point, s, cfg in bar:
         bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in point.items()) + f", seed={s}")
-        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        key = _trial_key(cfg.to_dict(), user)
         if key in done:
             result.trials.append(done[key])
         else:
             ckpt = Path(runs) / f"{_trial_name(point, s, key)}.pt" if runs is not None else None
             t0 = time.perf_counter()
+            for name, sampler in samplers.items():  # every trial from the same tasks
+                sampler.load_state_dict(copy.deepcopy(initial[name]))
             # Files of this trial are from an attempt killed before it was recorded.
-            run = train(cfg, checkpoint=ckpt, overwrite=True, progress=False)
-            result.trials.append({
+            run = train(cfg, checkpoint=ckpt, overwrite=True, progress=False,
+                        model=copy.deepcopy(model) if model is not None else None,
+                        train_sampler=train_sampler, val_sampler=val_sampler, loss=loss,
+                        metric=metric)
+            trial = {
                 "point": point, "seed": s, "config": cfg.to_dict(), "best": run.best,
                 "iterations": run.iteration, "stopped_early": run.stopped_early,
                 "seconds": time.perf_counter() - t0,
-                "checkpoint": str(ckpt.with_suffix(".best.pt")) if ckpt else None})
+                "checkpoint": str(ckpt.with_suffix(".best.pt")) if ckpt else None}
+            if user is not None:
+                trial["user"] = user
+            result.trials.append(trial)
         if out is not None:
             payload = json.dumps(result.to_dict(), indent=2).encode()
             atomic_write(out, lambda f, p=payload: f.write(p))
     bar.close()
+    for name, sampler in samplers.items():  # hand the samplers back as they were given
+        sampler.load_state_dict(copy.deepcopy(initial[name]))
     return result
+
+
+def _validation_metric(objects: Any, base: TrainConfig, initial: dict) -> Metric:
+    """The metric every trial validates with, known before the first trial."""
+    from metalearn.algorithms.losses import TaskLoss
+    from metalearn.evaluation import default_metric
+    from metalearn.training import validation_metric
+
+    if objects.metric is not None:
+        return objects.metric
+    if objects.val_sampler is not None:
+        # One task, to see its targets; the sampler is put back before the first trial.
+        classification = objects.val_sampler.sample(1).is_classification
+        objects.val_sampler.load_state_dict(copy.deepcopy(initial["val_sampler"]))
+    else:
+        classification = validation_metric(base.dataset)[0] == "accuracy"
+    loss = TaskLoss(loss_fn=objects.loss) if objects.loss is not None else None
+    return default_metric(classification, loss)
+
+
+def _trial_key(config: dict, user: dict | None) -> str:
+    """What a trial is: its resolved config, and what identifies the user's objects."""
+    if user is None:
+        return json.dumps(config, sort_keys=True)
+    return json.dumps({"config": config, "user": user}, sort_keys=True)
 
 
 def _trial_name(point: dict, seed: int, config_key: str) -> str:
@@ -256,8 +333,10 @@ def _header(base: TrainConfig, space: dict, trials: int | None, seeds: list[int]
             "seeds": seeds}
 
 
-def _load_done(out: str | Path | None, configs: list) -> dict[str, dict]:
-    """Trials in ``out`` whose full resolved config is one this search would run."""
+def _load_done(out: str | Path | None, configs: list, user: dict | None = None
+               ) -> dict[str, dict]:
+    """Trials in ``out`` whose full resolved config (and user objects) is one this search
+    would run."""
     if out is None:
         raise ValueError("resume needs the out file of the earlier search")
     path = Path(out)
@@ -270,6 +349,6 @@ def _load_done(out: str | Path | None, configs: list) -> dict[str, dict]:
     except (ValueError, KeyError, TypeError, AssertionError):
         raise ValueError(f"{path} is not a search result of this version; move it away or "
                          "choose another out file") from None
-    wanted = {json.dumps(cfg.to_dict(), sort_keys=True) for _, _, cfg in configs}
-    by_key = {json.dumps(t["config"], sort_keys=True): t for t in trials}
+    wanted = {_trial_key(cfg.to_dict(), user) for _, _, cfg in configs}
+    by_key = {_trial_key(t["config"], t.get("user")): t for t in trials}
     return {k: t for k, t in by_key.items() if k in wanted}

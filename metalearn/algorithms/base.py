@@ -52,8 +52,10 @@ class MetaLearner(nn.Module):
         first_order: take the inner gradients as constants in the meta-gradient.
         loss: a :class:`~metalearn.algorithms.losses.TaskLoss`; or give its options
             instead:
-        **loss_options: ``inner_flood``, ``outer_flood``, ``flood_mode``,
-            ``label_smoothing`` (see :class:`~metalearn.algorithms.losses.TaskLoss`).
+        **loss_options: ``loss_fn`` (a per-example loss of your own,
+            ``loss_fn(outputs, targets) -> (n,)``, for the inner and the outer loss),
+            ``inner_flood``, ``outer_flood``, ``flood_mode``, ``label_smoothing`` (see
+            :class:`~metalearn.algorithms.losses.TaskLoss`).
     """
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
@@ -160,45 +162,115 @@ class MetaLearner(nn.Module):
 
         return vmap(task, randomness="different")(support_x, support_y)
 
+    # A learner whose meta-gradient does not flow through its adapted weights (Reptile,
+    # iMAML) says why here, and adapt(differentiable=True) refuses with it.
+    _no_differentiable_adapt: str | None = None
+
+    def outer_first_order(self) -> bool:
+        """Whether the meta-gradient takes the inner gradients as constants now (MAML++
+        also while its derivative-order annealing lasts)."""
+        return self.first_order
+
     def adapt(
         self,
         support_x: torch.Tensor,
         support_y: torch.Tensor,
         steps: int | None = None,
         trajectory: bool = False,
+        differentiable: bool = False,
     ) -> Params | list[Params]:
         """Adapted ("fast") weights for one task or a batch of tasks.
 
         A batch has a leading task dimension: labels ``(B, n)`` or targets ``(B, n, d)``.
-        One task's labels are ``(n,)`` or targets ``(n, d)``. The result is detached: use
-        it with :meth:`predict` for evaluation. With ``trajectory=True`` the result is the
-        list of weights after 0, 1, ..., ``steps`` inner steps, from one run of the loop.
+        One task's labels are ``(n,)`` or targets ``(n, d)``. With ``trajectory=True`` the
+        result is the list of weights after 0, 1, ..., ``steps`` inner steps, from one run
+        of the loop.
+
+        Which to use:
+
+        * ``differentiable=False`` (default): detached weights, for evaluation and
+          inference with :meth:`predict`. No graph is kept, so it is cheap.
+        * ``differentiable=True``: weights that keep the autograd graph to the
+          meta-parameters (the model's and ``learner.learned``'s), for an outer loop of
+          your own (learn2learn's ``clone()``/``adapt()`` habit): compute a query loss
+          from :meth:`predict` and call ``backward()``, and the meta-parameters get the
+          learner's meta-gradient, the one :meth:`step` accumulates. It is second order
+          for MAML, Meta-SGD, ANIL and MAML++ unless the learner is first order
+          (``first_order=True``, FOMAML, MAML++'s early ``first_order_iterations``), in
+          which case the inner gradients are constants, as in :meth:`step`. Reptile,
+          GradientCombination and iMAML refuse it: their update is not the gradient of a
+          loss through the adapted weights (use :meth:`step`).
+
+        Args:
+            support_x: support inputs, ``(B, n, ...)`` or one task's ``(n, ...)``.
+            support_y: support labels or targets, batched or not like ``support_x``.
+            steps: inner steps (default: ``inner_steps``).
+            trajectory: return the weights after every step count.
+            differentiable: keep the graph to the meta-parameters (see above).
+
+        Example:
+            >>> import torch
+            >>> import torch.nn.functional as F
+            >>> from metalearn import MAML
+            >>> from metalearn.data import SineTasks
+            >>> from metalearn.models import MLP
+            >>> maml = MAML(MLP(), inner_lr=0.01, inner_steps=1)
+            >>> batch = SineTasks(seed=0).sample(4)
+            >>> fast = maml.adapt(batch.support_x, batch.support_y, differentiable=True)
+            >>> loss = F.mse_loss(maml.predict(fast, batch.query_x), batch.query_y)
+            >>> loss.backward()       # the second-order MAML meta-gradient
+            >>> maml.model[0].weight.grad.shape
+            torch.Size([40, 1])
+            >>> maml.adapt(batch.support_x, batch.support_y)["0.weight"].requires_grad
+            False
         """
         steps = self.inner_steps if steps is None else check_steps("steps", steps)
+        if differentiable and self._no_differentiable_adapt:
+            raise NotImplementedError(self._no_differentiable_adapt)
         batched = support_y.ndim == (2 if not support_y.dtype.is_floating_point else 3)
         if not batched:
             support_x, support_y = support_x.unsqueeze(0), support_y.unsqueeze(0)
         self._check_inputs(support_x, support_y, "support")
         params = self.fmodel.params()
-        with torch.no_grad():
-            out = self._adapt_batch(params, support_x, support_y, steps, trajectory)
-        if not trajectory:
-            return out if batched else {k: v[0] for k, v in out.items()}
-        start = {k: v.expand(len(support_x), *v.shape).clone() for k, v in params.items()}
-        path = [self._start_of_trajectory(start), *out[1]]
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            if differentiable:
+                out = self._adapt_batch_differentiable(params, support_x, support_y, steps,
+                                                       trajectory)
+            else:
+                out = self._adapt_batch(params, support_x, support_y, steps, trajectory)
+            if not trajectory:
+                return out if batched else {k: v[0] for k, v in out.items()}
+            start = {k: v.expand(len(support_x), *v.shape) for k, v in params.items()}
+            if not differentiable:
+                start = {k: v.clone() for k, v in start.items()}
+            path = [self._start_of_trajectory(start), *out[1]]
         return path if batched else [{k: v[0] for k, v in f.items()} for f in path]
+
+    def _adapt_batch_differentiable(self, params: Params, support_x: torch.Tensor,
+                                    support_y: torch.Tensor, steps: int, trajectory: bool):
+        first_order = self.outer_first_order()
+
+        def task(sx: torch.Tensor, sy: torch.Tensor):
+            return self.adapt_task(params, sx, sy, steps, first_order, trajectory)
+
+        return vmap(task, randomness="different")(support_x, support_y)
 
     def _start_of_trajectory(self, start: Params) -> Params:
         """The weights before any inner step, per task (MAML++ puts in its step-0 BatchNorm)."""
         return start
 
     def predict(self, fast: Params, x: torch.Tensor) -> torch.Tensor:
-        """Outputs for ``x`` under adapted weights from :meth:`adapt` (batched or not)."""
+        """Outputs for ``x`` under adapted weights from :meth:`adapt` (batched or not).
+
+        Differentiable when ``fast`` is (``adapt(..., differentiable=True)``)."""
         reference = self.fmodel.params()
         name = next(iter(reference))
+        # A graph kept for a later backward needs the exact kernels (order 2 serves any use).
+        order = 2 if torch.is_grad_enabled() and any(v.requires_grad for v in fast.values()) \
+            else 0
         if fast[name].ndim == reference[name].ndim:
-            return self.fmodel(fast, x, order=0)
-        return vmap(self.fmodel, in_dims=(0, 0, None), randomness="different")(fast, x, 0)
+            return self.fmodel(fast, x, order=order)
+        return vmap(self.fmodel, in_dims=(0, 0, None), randomness="different")(fast, x, order)
 
     # -- checks -------------------------------------------------------------------------
     def _check_inputs(self, x: torch.Tensor, y: torch.Tensor, which: str) -> None:

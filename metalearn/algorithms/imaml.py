@@ -81,6 +81,11 @@ class IMAML(MetaLearner):
         ['loss']
     """
 
+    _no_differentiable_adapt = (
+        "iMAML's meta-gradient is implicit (the inverse-Hessian solve of step() and "
+        "meta_gradient()), not backpropagated through the adapted weights, so "
+        "adapt(differentiable=True) cannot give it; use step() or meta_gradient()")
+
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int, lam: float = 1.0,
                  cg_steps: int = 5, loss: TaskLoss | None = None, *,
                  inner_solve: str = "proximal", cg_damping: float = 0.0,

@@ -39,10 +39,12 @@ class MAML(MetaLearner):
             RNG state. :meth:`adapt` and :meth:`predict` are unaffected.
         loss: the task losses, a :class:`~metalearn.algorithms.losses.TaskLoss`; or give
             its options instead:
-        **loss_options: ``inner_flood`` (flood level b of the support loss; ``None`` or 0
-            is off), ``outer_flood`` (of the query loss), ``flood_mode`` (``"batch"``:
-            flooding, Ishida et al. 2020; ``"instance"``: iFlood, Xie et al. 2022) and
-            ``label_smoothing``.
+        **loss_options: ``loss_fn`` (a per-example loss of your own, ``loss_fn(outputs,
+            targets) -> (n,)``, for the inner and the outer loss; default cross-entropy
+            for integer labels, MSE for float targets), ``inner_flood`` (flood level b of
+            the support loss; ``None`` or 0 is off), ``outer_flood`` (of the query loss),
+            ``flood_mode`` (``"batch"``: flooding, Ishida et al. 2020; ``"instance"``:
+            iFlood, Xie et al. 2022) and ``label_smoothing``.
 
     Example:
         >>> import torch

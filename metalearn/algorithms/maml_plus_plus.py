@@ -182,6 +182,10 @@ class MAMLPlusPlus(MetaLearner):
         return {**start, **{n: row.expand_as(start[n]).clone()
                             for n, row in self._bn_at(0).items()}}
 
+    def outer_first_order(self) -> bool:
+        """First order if ``first_order``, or while ``iteration < first_order_iterations``."""
+        return self.first_order or self.iteration < self.first_order_iterations
+
     # -- the outer objective ------------------------------------------------------------
     def _task_objective(self, params: Params, sx: torch.Tensor, sy: torch.Tensor,
                         qx: torch.Tensor, qy: torch.Tensor, weights: list[float],
@@ -199,7 +203,7 @@ class MAMLPlusPlus(MetaLearner):
         steps, it = self.inner_steps, self.iteration
         weights = (msl_weights(steps, it, self.msl_iterations) if self.multi_step_loss
                    else [0.0] * max(steps - 1, 0) + [1.0])
-        first_order = self.first_order or it < self.first_order_iterations
+        first_order = self.outer_first_order()
         task = partial(self._task_objective, weights=weights, first_order=first_order)
         objective, final, metric = vmap(task, in_dims=(None, 0, 0, 0, 0),
                                         randomness="different")(

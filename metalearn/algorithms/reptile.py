@@ -12,7 +12,7 @@ from torch.func import vmap
 from metalearn.algorithms.base import MetaLearner
 from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.inner_loop import Update, adam, inner_loop, sgd
-from metalearn.algorithms.losses import TaskLoss, accuracy, per_example_loss
+from metalearn.algorithms.losses import TaskLoss, accuracy
 from metalearn.data.task_batch import TaskBatch
 
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -76,6 +76,11 @@ class Reptile(MetaLearner):
         >>> metrics = reptile.step(SineTasks(shots=10, seed=0).sample(5))
         >>> opt.step()
     """
+
+    _no_differentiable_adapt = (
+        "Reptile's update theta - phi is not the gradient of a loss through the adapted "
+        "weights, so adapt(differentiable=True) has no meta-gradient to keep; use step() "
+        "for Reptile, or FOMAML/MAML for an outer loop of your own")
 
     def __init__(
         self,
@@ -181,7 +186,7 @@ class Reptile(MetaLearner):
         with torch.no_grad():
             out = self.predict(fast, batch.query_x)
             flat_out, flat_y = out.flatten(0, 1), batch.query_y.flatten(0, 1)
-            metrics = {"loss": per_example_loss(flat_out, flat_y).mean().item()}
+            metrics = {"loss": self.loss.unsmoothed(flat_out, flat_y).mean().item()}
             if batch.is_classification:
                 metrics["accuracy"] = accuracy(flat_out, flat_y).item()
         return metrics
