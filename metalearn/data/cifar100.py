@@ -214,7 +214,7 @@ def load_cifar100(root: str | os.PathLike | None = None, download_missing: bool 
 
 
 class _CIFARTasks(BenchmarkTasks):
-    per_class = PER_CLASS
+    _per_class = PER_CLASS
 
     def __init__(self, root, split, ways, shots, queries, seed, download, *, transform,
                  class_augment, progress, url) -> None:
@@ -226,7 +226,7 @@ class _CIFARTasks(BenchmarkTasks):
 
     def _classes(self, split: str, labels: torch.Tensor) -> torch.Tensor:
         present = set(torch.unique(labels).tolist())
-        ids = [CIFAR100_CLASSES.index(c) for c in self.split_classes[split]]
+        ids = [CIFAR100_CLASSES.index(c) for c in self._splits[split]]
         return torch.tensor([i for i in ids if i in present])
 
     @property
@@ -234,7 +234,13 @@ class _CIFARTasks(BenchmarkTasks):
         return [CIFAR100_CLASSES[int(c)] for c in self.classes]
 
 
-_ARGS = """
+class CIFARFSTasks(_CIFARTasks):
+    """N-way K-shot CIFAR-FS episodes (Bertinetto et al. 2019), 32×32 RGB.
+
+    64/16/20 CIFAR-100 classes of 600 images (the r2d2 release's split). Images are
+    ``float32`` ``(3, 32, 32)`` in [0, 1]. CIFAR-100 is decoded once into a cached uint8
+    array that :class:`FC100Tasks` shares.
+
     Args:
         root: folder holding ``cifar100/``; else ``$METALEARN_DATA``, else
             ``~/.cache/metalearn``.
@@ -248,15 +254,7 @@ _ARGS = """
         class_augment: see :class:`~metalearn.data.FewShotTasks`.
         progress: show a progress bar while downloading.
         url: the archive's address for the download; else ``$METALEARN_CIFAR100_URL``.
-"""
 
-
-class CIFARFSTasks(_CIFARTasks):
-    __doc__ = """N-way K-shot CIFAR-FS episodes (Bertinetto et al. 2019), 32×32 RGB.
-
-    64/16/20 CIFAR-100 classes of 600 images (the r2d2 release's split). Images are
-    ``float32`` ``(3, 32, 32)`` in [0, 1].
-    """ + _ARGS + """
     Example:
         >>> from metalearn.data import CIFARFSTasks
         >>> CIFARFSTasks(root="/nonexistent")  # doctest: +ELLIPSIS
@@ -265,8 +263,8 @@ class CIFARFSTasks(_CIFARTasks):
         metalearn.data.image_sets.DatasetNotFoundError: CIFAR-100 data not found: ...
     """
 
-    name = "CIFAR-FS"
-    split_classes = CIFAR_FS
+    _title = "CIFAR-FS"
+    _splits = CIFAR_FS
 
     def __init__(
         self,
@@ -288,12 +286,26 @@ class CIFARFSTasks(_CIFARTasks):
 
 
 class FC100Tasks(_CIFARTasks):
-    __doc__ = """N-way K-shot FC100 episodes (Oreshkin et al. 2018), 32×32 RGB.
+    """N-way K-shot FC100 episodes (Oreshkin et al. 2018), 32×32 RGB.
 
     CIFAR-100 split by superclass: 12/4/4 superclasses, 60/20/20 classes of 600 images, so
     no superclass is shared between splits. Images are ``float32`` ``(3, 32, 32)`` in
     [0, 1].
-    """ + _ARGS + """
+
+    Args:
+        root: folder holding ``cifar100/``; else ``$METALEARN_DATA``, else
+            ``~/.cache/metalearn``.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        ways: classes per task (N).
+        shots: support images per class (K).
+        queries: query images per class; ``shots + queries <= 600``.
+        seed: seed of the sampler's generator.
+        download: download the CIFAR-100 archive if it is missing.
+        transform: see :class:`~metalearn.data.FewShotTasks`.
+        class_augment: see :class:`~metalearn.data.FewShotTasks`.
+        progress: show a progress bar while downloading.
+        url: the archive's address for the download; else ``$METALEARN_CIFAR100_URL``.
+
     Example:
         >>> from metalearn.data import FC100Tasks
         >>> FC100Tasks(root="/nonexistent", split="test")  # doctest: +ELLIPSIS
@@ -302,8 +314,8 @@ class FC100Tasks(_CIFARTasks):
         metalearn.data.image_sets.DatasetNotFoundError: CIFAR-100 data not found: ...
     """
 
-    name = "FC100"
-    split_classes = FC100
+    _title = "FC100"
+    _splits = FC100
 
     def __init__(
         self,

@@ -370,9 +370,9 @@ class BenchmarkTasks(FewShotTasks):
     counts are checked before any file is touched, then :meth:`_load` gives the images and
     labels and :meth:`_classes` the label values of the split's classes (present ones)."""
 
-    name = "benchmark"
-    per_class: int | None = None  # images per class, where the benchmark has a fixed number
-    split_classes: dict[str, tuple[str, ...]] = {}
+    _title = "benchmark"
+    _per_class: int | None = None  # images per class, where the benchmark has a fixed number
+    _splits: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, root, split, ways, shots, queries, seed, download, *, transform,
                  class_augment, progress, **source) -> None:
@@ -380,14 +380,14 @@ class BenchmarkTasks(FewShotTasks):
         check_positive_int("shots", shots)
         check_positive_int("queries", queries)
         check_split(split)
-        names = self.split_classes[split]
+        names = self._splits[split]
         if ways > len(names):
-            raise ValueError(f"ways={ways} but the {self.name} {split!r} split has only "
+            raise ValueError(f"ways={ways} but the {self._title} {split!r} split has only "
                              f"{len(names)} classes; use ways <= {len(names)}")
-        if self.per_class is not None and shots + queries > self.per_class:
+        if self._per_class is not None and shots + queries > self._per_class:
             raise ValueError(
                 f"shots + queries = {shots} + {queries} = {shots + queries}, but each "
-                f"{self.name} class has only {self.per_class} images; lower shots or queries")
+                f"{self._title} class has only {self._per_class} images; lower shots or queries")
         self.split, self.root = split, root
         images, labels = self._load(root, split, download, progress, **source)
         classes = self._classes(split, labels)
@@ -406,7 +406,7 @@ class BenchmarkTasks(FewShotTasks):
     @property
     def class_names(self) -> list[str]:
         """Names of :attr:`classes` (synset ids, CIFAR-100 names), in order."""
-        names = self.split_classes[self.split]
+        names = self._splits[self.split]
         return [names[int(c)] for c in self.classes]
 
     def __repr__(self) -> str:

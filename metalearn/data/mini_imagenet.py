@@ -216,9 +216,9 @@ class MiniImageNetTasks(BenchmarkTasks):
         metalearn.data.image_sets.DatasetNotFoundError: miniImageNet data not found: ...
     """
 
-    name = "miniImageNet"
-    per_class = PER_CLASS
-    split_classes = MINI_IMAGENET
+    _title = "miniImageNet"
+    _per_class = PER_CLASS
+    _splits = MINI_IMAGENET
 
     def __init__(
         self,

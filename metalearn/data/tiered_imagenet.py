@@ -196,8 +196,8 @@ class TieredImageNetTasks(BenchmarkTasks):
         metalearn.data.image_sets.DatasetNotFoundError: tieredImageNet data not found: ...
     """
 
-    name = "tieredImageNet"
-    split_classes = TIERED_IMAGENET
+    _title = "tieredImageNet"
+    _splits = TIERED_IMAGENET
 
     def __init__(
         self,
