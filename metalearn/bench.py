@@ -23,7 +23,8 @@ from metalearn.memory import memory_profile
 from metalearn.run_record import run_header
 from metalearn.training import train
 
-SHORT_ITERATIONS = {"sine": 1000, "omniglot": 300}
+SHORT_ITERATIONS = {"sine": 1000, "omniglot": 300, "mini-imagenet": 300,
+                    "tiered-imagenet": 300, "cifar-fs": 300, "fc100": 300}
 TEST_SEED = 12345
 
 

@@ -60,17 +60,20 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
     g = p.add_argument_group("task")
     g.add_argument("--dataset", choices=DATASETS, default="sine")
     g.add_argument("--ways", type=_positive_int, default=5,
-                   help="classes per task (omniglot; default 5)")
+                   help="classes per task (the image datasets; default 5)")
     g.add_argument("--shots", type=_positive_int, help="support examples per class (per task "
                    "for sine); default from the paper")
     g.add_argument("--queries", type=_positive_int, help="query examples per class (per task "
                    "for sine); default: as many as shots")
     g.add_argument("--meta-batch", type=_positive_int, help="tasks per meta-iteration")
     g.add_argument("--iterations", type=_positive_int, help=iterations_help)
-    g.add_argument("--data-root", help="folder holding omniglot/*.zip (default: "
-                   "$METALEARN_DATA, then ~/.cache/metalearn)")
-    g.add_argument("--download", action="store_true", help="download the Omniglot zips "
-                   "into the data folder if they are missing (verified before use)")
+    g.add_argument("--data-root", help="folder holding the dataset's folder: omniglot/, "
+                   "mini-imagenet/, tiered-imagenet/ or cifar100/ (default: $METALEARN_DATA, "
+                   "then ~/.cache/metalearn)")
+    g.add_argument("--download", action="store_true", help="download the dataset into the "
+                   "data folder if it is missing (verified before use): the Omniglot zips or "
+                   "the CIFAR-100 archive (cifar-fs, fc100); miniImageNet and tieredImageNet "
+                   "have no public download")
     a = p.add_argument_group("inner loop")
     a.add_argument("--inner-lr", type=_positive_float)
     a.add_argument("--inner-steps", type=_non_negative_int)
@@ -186,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--non-transductive", action="store_true", help="predict each query with "
                     "the support set only (Reptile's protocol)")
     ev.add_argument("--seed", type=int, default=12345, help="seed of the test task set")
-    ev.add_argument("--data-root", help="folder holding omniglot/*.zip (default: the "
+    ev.add_argument("--data-root", help="folder holding the dataset's folder (default: the "
                     "checkpoint's, then $METALEARN_DATA, then ~/.cache/metalearn)")
-    ev.add_argument("--download", action="store_true", help="download the Omniglot zips "
-                    "if they are missing")
+    ev.add_argument("--download", action="store_true", help="download the dataset if it is "
+                    "missing (Omniglot, CIFAR-100)")
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ev.add_argument("--out", type=Path, help="write the result as JSON")
     ev.add_argument("--no-progress", action="store_true")
@@ -268,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
         reuse_freed_memory()
     from metalearn.checkpoint import CheckpointError
+    from metalearn.data.image_sets import DatasetError
     from metalearn.data.omniglot_archive import OmniglotError
 
     parser = args.command_parser
@@ -283,10 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plot":
             return _plot(args)
         return _bench(args, parser)
-    except (FileNotFoundError, OmniglotError, CheckpointError) as err:
+    except (FileNotFoundError, OmniglotError, DatasetError, CheckpointError) as err:
         advice = (" (or start without --resume)" if isinstance(err, CheckpointError)
                   and getattr(args, "resume", False) else "")
-        text = _cli_words(str(err)) if isinstance(err, OmniglotError) else str(err)
+        data_error = isinstance(err, (OmniglotError, DatasetError))
+        text = _cli_words(str(err)) if data_error else str(err)
         print(f"metalearn {args.command}: error: {text}{advice}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -304,14 +309,31 @@ def _cli_words(message: str) -> str:
                           ("point root= / METALEARN_DATA", "point --data-root / METALEARN_DATA"),
                           ("pass root= (or set", "pass --data-root (or set"),
                           ("or pass url= / set METALEARN_OMNIGLOT_URL",
-                           "or set METALEARN_OMNIGLOT_URL")):
+                           "or set METALEARN_OMNIGLOT_URL"),
+                          ("or pass url= / set METALEARN_CIFAR100_URL",
+                           "or set METALEARN_CIFAR100_URL"),
+                          ("pass url= / set METALEARN_CIFAR100_URL",
+                           "set METALEARN_CIFAR100_URL")):
         message = message.replace(library, flag)
     return message
 
 
-def _fetch_data(args) -> None:
-    """``--download``: fetch the Omniglot zips that are missing, before anything is built."""
-    if getattr(args, "download", False):
+def _fetch_data(args, dataset: str | None = None) -> None:
+    """``--download``: fetch the dataset's missing files before anything is built: the
+    Omniglot zips (for sine and omniglot, as before), or the CIFAR-100 archive. eval
+    passes the checkpoint's dataset; train, bench and search have ``--dataset``."""
+    if not getattr(args, "download", False):
+        return
+    dataset = dataset or getattr(args, "dataset", None)
+    if args.command == "eval" and dataset is None:
+        return  # fetched in _eval, once the checkpoint names its dataset
+    if dataset in ("cifar-fs", "fc100"):
+        from metalearn.data.cifar100 import download
+
+        download(args.data_root, progress=not args.no_progress)
+    elif dataset in ("mini-imagenet", "tiered-imagenet"):
+        pass  # no public download: the sampler's not-found message says where to get it
+    else:
         from metalearn.data.omniglot_archive import download_archives
 
         download_archives(args.data_root, progress=not args.no_progress)
@@ -400,6 +422,8 @@ def _eval(args) -> int:
         except RuntimeError as err:
             raise CheckpointError(f"{args.checkpoint} holds learner state that does not fit: "
                                   f"{str(err).splitlines()[0]}") from None
+    if args.download:
+        _fetch_data(args, cfg.dataset)
     tasks = build_sampler(cfg, args.split, seed=args.seed, evaluation=True).sample(args.tasks)
     result = evaluate(learner, tasks.to(torch.device(args.device)), max_steps=args.steps,
                       transductive=not args.non_transductive, progress=not args.no_progress)

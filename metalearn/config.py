@@ -14,7 +14,7 @@ from metalearn.algorithms import ANIL, FOMAML, IMAML, MAML, MAMLPlusPlus, MetaSG
 from metalearn.algorithms.base import MetaLearner
 from metalearn.models import MLP, Conv4
 
-DATASETS = ("sine", "omniglot")
+DATASETS = ("sine", "omniglot", "mini-imagenet", "tiered-imagenet", "cifar-fs", "fc100")
 OUTER_OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -132,6 +132,43 @@ ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
 
 ALGORITHMS = tuple(ALGORITHM_SPECS)
 
+
+
+@dataclass(frozen=True)
+class ImageBenchmark:
+    """A benchmark of RGB images: its sampler in :mod:`metalearn.data` and what the model
+    and the checks need to know."""
+
+    sampler: str
+    name: str
+    image_size: int
+    val_classes: int  # the smallest split's classes: the most ways every split allows
+    per_class: int | None  # images per class, where fixed
+
+
+BENCHMARKS: dict[str, ImageBenchmark] = {
+    "mini-imagenet": ImageBenchmark("MiniImageNetTasks", "miniImageNet", 84, 16, 600),
+    "tiered-imagenet": ImageBenchmark("TieredImageNetTasks", "tieredImageNet", 84, 97, None),
+    "cifar-fs": ImageBenchmark("CIFARFSTasks", "CIFAR-FS", 32, 16, 600),
+    "fc100": ImageBenchmark("FC100Tasks", "FC100", 32, 20, 600),
+}
+
+# MAML on miniImageNet (Finn et al. 2017, §5.2 and the reference code's README): 5 inner
+# steps at 0.01, 10 at test, 15 queries per class, Adam at 1e-3, 60,000 iterations, 32-filter
+# Conv4 with max-pooling; meta-batch 4 for 1-shot and 2 for 5-shot (the paper's; the README's
+# 5-shot command says 4), see SHOT_DEFAULTS. tieredImageNet, CIFAR-FS and FC100: no MAML
+# paper setting; ours is miniImageNet's.
+_MAML_IMAGES = dict(ways=5, shots=1, queries=15, inner_lr=0.01, inner_steps=5, eval_steps=10,
+                    outer_optimizer="adam", outer_lr=1e-3, iterations=60_000)
+# Reptile on Mini-ImageNet (Nichol et al. 2018, the supervised-reptile README's commands):
+# 15 train shots, inner Adam at 1e-3 for 8 steps on batches of 10, meta step 1 annealed
+# linearly to 0 over 100,000 iterations of 5 tasks, 50 test steps; test inner batch 5 for
+# 1-shot and 15 for 5-shot (SHOT_DEFAULTS). The other image benchmarks: ours, the same.
+_REPTILE_IMAGES = dict(ways=5, shots=15, queries=1, meta_batch=5, inner_lr=1e-3, inner_steps=8,
+                       inner_batch=10, inner_optimizer="adam", outer_optimizer="sgd",
+                       outer_lr=1.0, schedule="linear", iterations=100_000, eval_shots=1,
+                       eval_steps=50)
+
 # The papers' settings: MAML (Finn et al. 2017) and Reptile (Nichol et al. 2018).
 PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
     ("sine", "maml"): dict(shots=10, queries=10, meta_batch=25, inner_lr=0.01, inner_steps=1,
@@ -148,6 +185,14 @@ PAPER_DEFAULTS: dict[tuple[str, str], dict] = {
                                   outer_optimizer="sgd", outer_lr=1.0, schedule="linear",
                                   iterations=100_000, eval_shots=1, eval_steps=50,
                                   eval_inner_batch=5),
+    **{(d, "maml"): _MAML_IMAGES for d in BENCHMARKS},
+    **{(d, "reptile"): _REPTILE_IMAGES for d in BENCHMARKS},
+}
+# Paper defaults that depend on the shots, filled in after them (an unset value only).
+SHOT_DEFAULTS: dict[tuple[str, str], dict[str, Callable[[dict], Any]]] = {
+    **{(d, "maml"): {"meta_batch": lambda v: 4 if v["shots"] < 5 else 2} for d in BENCHMARKS},
+    **{(d, "reptile"): {"eval_inner_batch": lambda v: 5 if v["eval_shots"] < 5 else 15}
+       for d in BENCHMARKS},
 }
 
 
@@ -279,6 +324,9 @@ class TrainConfig:
         values["eval_shots"] = values["eval_shots"] or values["shots"]
         values["eval_queries"] = values["eval_queries"] or values["queries"]
         values["eval_steps"] = values["eval_steps"] or max(values["inner_steps"], 1)
+        for key, rule in SHOT_DEFAULTS.get((self.dataset, spec.family), {}).items():
+            if values[key] is None:
+                values[key] = rule(values)
         cfg = TrainConfig(**values)
         cfg._check()
         return cfg
@@ -304,6 +352,19 @@ class TrainConfig:
             if self.ways > 100:
                 raise ValueError(f"ways={self.ways} exceeds the 100 classes of the Omniglot "
                                  "validation split; use ways <= 100")
+        if self.dataset in BENCHMARKS:
+            bench = BENCHMARKS[self.dataset]
+            for shots, queries, which in ((self.shots, self.queries, ""),
+                                          (self.eval_shots, self.eval_queries, "eval_")):
+                if bench.per_class is not None and shots + queries > bench.per_class:
+                    raise ValueError(
+                        f"{which}shots + {which}queries = {shots} + {queries} = "
+                        f"{shots + queries}, but each {bench.name} class has only "
+                        f"{bench.per_class} images; lower them")
+            if self.ways > bench.val_classes:
+                raise ValueError(f"ways={self.ways} exceeds the {bench.val_classes} classes of "
+                                 f"the {bench.name} validation split; use ways <= "
+                                 f"{bench.val_classes}")
         if self.algorithm == "reptile" and self.inner_steps == 0:
             raise ValueError("inner_steps must be >= 1 for reptile: with none, phi = theta "
                              "and the update theta + epsilon * (phi - theta) changes nothing")
@@ -321,9 +382,14 @@ class TrainConfig:
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
-    """The paper's network for the dataset: the sine MLP or the Omniglot Conv4."""
+    """The paper's network for the dataset: the sine MLP, the Omniglot Conv4, or for the
+    RGB benchmarks the miniImageNet Conv4 of MAML (32 filters, max-pooling)."""
     if cfg.dataset == "sine":
         return MLP(init=cfg.init, dropout=cfg.dropout)
+    if cfg.dataset in BENCHMARKS:
+        return Conv4(ways=cfg.ways, in_channels=3, hidden=32,
+                     image_size=BENCHMARKS[cfg.dataset].image_size, max_pool=True,
+                     init=cfg.init, dropout=cfg.dropout)
     return Conv4(ways=cfg.ways, init=cfg.init, dropout=cfg.dropout)
 
 
@@ -352,12 +418,17 @@ def build_learner(cfg: TrainConfig, model: nn.Module, evaluation: bool = False,
 
 def build_sampler(cfg: TrainConfig, split: str, seed: int, evaluation: bool = False):
     """A seeded task sampler for ``split`` ("train", "val" or "test")."""
+    import metalearn.data
     from metalearn.data import OmniglotTasks, SineTasks
 
     shots = cfg.eval_shots if evaluation else cfg.shots
     queries = cfg.eval_queries if evaluation else cfg.queries
     if cfg.dataset == "sine":
         return SineTasks(shots=shots, queries=queries, seed=seed)
+    if cfg.dataset in BENCHMARKS:
+        sampler = getattr(metalearn.data, BENCHMARKS[cfg.dataset].sampler)
+        return sampler(root=cfg.data_root, split=split, ways=cfg.ways, shots=shots,
+                       queries=queries, seed=seed)
     return OmniglotTasks(root=cfg.data_root, split=split, ways=cfg.ways, shots=shots,
                          queries=queries, seed=seed)
 

@@ -33,6 +33,7 @@ def _pages(folder: str) -> list[str]:
 GROUPS = {
     "README.md": ["README.md"],
     "getting-started": ["docs/getting-started.md"],
+    "datasets": ["docs/datasets.md"],
     **{Path(page).stem: [page] for page in _pages("docs/tutorials")},
     "algorithms and performance": [*_pages("docs/algorithms"), "docs/performance.md"],
 }
