@@ -141,7 +141,7 @@ def imaml_reference(model, batch, lr, steps, lam, terms=40):
         at = phi.detach().requires_grad_()
         support_grad, = torch.autograd.grad(loss(at, sx, sy), at, create_graph=True)
 
-        def hvp(t):
+        def hvp(t, support_grad=support_grad, at=at):
             return torch.autograd.grad(support_grad @ t, at, retain_graph=True)[0]
 
         q, = torch.autograd.grad(loss(at, qx, qy), at)
