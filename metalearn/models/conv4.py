@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -69,7 +71,7 @@ class Conv4(nn.Module):
         initialize(self, init)
 
     @classmethod
-    def mini_imagenet(cls, ways: int, **overrides) -> Conv4:
+    def mini_imagenet(cls, ways: int, **overrides: Any) -> Conv4:
         """MAML's miniImageNet network: 84×84×3 inputs, 32 filters, 2×2 max-pooling.
 
         Finn et al. (2017) use 32 filters per layer on miniImageNet, following Ravi and
