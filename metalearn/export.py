@@ -39,9 +39,9 @@ def batch_statistics_everywhere(model: nn.Module) -> nn.Module:
         >>> from torch import nn
         >>> from metalearn.export import batch_statistics_everywhere
         >>> bn = batch_statistics_everywhere(nn.BatchNorm1d(2)).eval()
-        >>> bn(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+        >>> bn(torch.tensor([[1.0, 2.0], [3.0, 6.0]])).detach()
         tensor([[-1.0000, -1.0000],
-                [ 1.0000,  1.0000]], grad_fn=<NativeBatchNormBackward0>)
+                [ 1.0000,  1.0000]])
     """
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -110,6 +110,9 @@ def export(learner: MetaLearner, fast: Params | None = None, steps: int | None =
 
     Returns:
         The model, in eval mode; other modules than BatchNorm are as in ``learner.model``.
+        Normalisation the model's own code does with ``F.batch_norm`` (which the learners
+        compute with batch statistics) stays as that code says: pass it
+        ``running_mean=None, running_var=None`` to predict the same in plain PyTorch.
 
     Example:
         >>> import torch
