@@ -24,12 +24,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metalearn import MAML, Reptile, train
+from metalearn import ANIL, MAML, Reptile, train
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
 from metalearn.data import OmniglotTasks, SineTasks, TaskBatch
 from metalearn.data.array_cache import digest_path, load_array, save_array
 from metalearn.models import MLP, Conv4
 from metalearn.run_files import claim_checkpoint
+
+
+class _ReturnsTuple(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.fc(x), x
+
+
+class _DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(1, 8), torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(torch.relu(h) if h.mean() > 0 else h)
+
+
+def _one_query_into_batch_norm():
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.Linear(8, 1))
+    maml, batch = MAML(model, 0.01, 1), SineTasks().sample(1)
+    maml.predict(maml.adapt(batch.support_x[0], batch.support_y[0]), batch.query_x[0, :1])
 
 
 def python_case(fn) -> str:
@@ -159,6 +185,11 @@ def main() -> None:
          .step(SineTasks().sample(2))),
         ("model with no trainable parameters", lambda: MAML(MLP().requires_grad_(False),
                                                             0.01, 1)),
+        ("model that returns a tuple", lambda: MAML(_ReturnsTuple(), 0.01, 1).step(
+            SineTasks().sample(2))),
+        ("one query per task into BatchNorm", lambda: _one_query_into_batch_norm()),
+        ("ANIL without inner_params on a model fx cannot trace", lambda: ANIL(
+            _DataDependent(), 0.01, 1)),
         ("corrupt checkpoint", lambda: load_checkpoint(tmp / "corrupt.pt")),
         ("checkpoint with 4 bytes changed in a tensor", lambda: load_checkpoint(
             tmp / "edited.pt")),

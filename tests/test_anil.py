@@ -129,7 +129,10 @@ class TwoHeads(nn.Module):
 
 def test_parameter_selection():
     net = TwoHeads()
-    assert select_parameters(net, None) == ("head2.weight", "head2.bias")  # frozen skipped
+    # Two heads summed: no one layer produces the output, so ANIL asks for inner_params
+    # (it used to take head2, the last declared).
+    with pytest.raises(ValueError, match=r"several branches \(head, head2\).*inner_params="):
+        select_parameters(net, None)
     assert select_parameters(net, "head") == ("head.weight", "head.bias")
     assert select_parameters(net, ["head.", "body.bias"]) == ("body.bias", "head.weight",
                                                               "head.bias")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from metalearn.algorithms.base import MetaLearner
 from metalearn.algorithms.functional_model import Params
@@ -16,26 +17,97 @@ from metalearn.algorithms.losses import TaskLoss
 InnerSelection = str | Sequence[str] | Callable[[str], bool] | None
 
 
-def last_module_parameters(model: nn.Module) -> list[str]:
-    """Names of the trainable parameters owned directly by the last module that has any."""
-    names: list[str] = []
-    for prefix, module in model.named_modules():
-        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if own:
-            names = [f"{prefix}.{n}" if prefix else n for n in own]
-    return names
+def _is_shape_query(node: fx.Node) -> bool:
+    """Whether ``node`` only reads a tensor's shape (``x.size(0)``, ``x.shape[1]``)."""
+    if node.op == "call_method" and node.target in ("size", "dim", "numel"):
+        return True
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "ndim", "dtype", "device")
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and _is_shape_query(node.args[0])
+    return False
+
+
+def output_layer_parameters(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters of the layer that produces the model's output.
+
+    The model is traced once with ``torch.fx`` (symbolically, no data). From its output, the
+    trace is followed back through parameter-free operations (activations, reshapes,
+    dropout, pooling) to the first module or operation that uses trainable parameters:
+    that is the head. Its declaration order does not matter.
+
+    Raises:
+        ValueError: the model cannot be traced (data-dependent control flow), returns more
+            than one tensor, or ends in several branches with parameters (a residual sum):
+            then the head must be named with ``inner_params``.
+
+    Example:
+        >>> from torch import nn
+        >>> from metalearn.algorithms.anil import output_layer_parameters
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.head = nn.Linear(4, 2)  # declared first, applied last
+        ...         self.body = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU())
+        ...     def forward(self, x):
+        ...         return self.head(self.body(x))
+        >>> output_layer_parameters(Net())
+        ['head.weight', 'head.bias']
+    """
+    fix = ("pass inner_params= with the head's parameter names or module prefix, e.g. "
+           "ANIL(model, ..., inner_params=\"classifier\")")
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as err:  # fx raises many types for code it cannot trace
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(
+            f"ANIL could not find the head of {type(model).__name__}: with inner_params=None "
+            f"it traces the model with torch.fx to find the layer that produces the output, "
+            f"and the trace failed ({type(err).__name__}: {reason}); {fix}") from None
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    output = next(n for n in graph.nodes if n.op == "output")
+    node = output.args[0]
+    while True:
+        if not isinstance(node, fx.Node):
+            raise ValueError(
+                f"ANIL could not find the head of {type(model).__name__}: its forward returns "
+                f"a {type(node).__name__}, not one tensor; {fix}")
+        if node.op == "call_module":
+            module = model.get_submodule(node.target)
+            own = [f"{node.target}.{n}" for n, _ in module.named_parameters()]
+            own = [n for n in own if n in trainable]
+            if own:
+                return own
+        used = [a.target for a in node.all_input_nodes
+                if a.op == "get_attr" and a.target in trainable]
+        if used:  # e.g. F.linear(x, self.weight, self.bias)
+            return used
+        inputs = [a for a in node.all_input_nodes
+                  if a.op != "get_attr" and not _is_shape_query(a)]
+        if node.op == "placeholder" or not inputs:
+            raise ValueError(
+                f"ANIL could not find the head of {type(model).__name__}: no layer with "
+                f"trainable parameters produces its output; {fix}")
+        if len(inputs) > 1:
+            raise ValueError(
+                f"ANIL could not find the head of {type(model).__name__}: its output comes "
+                f"from {node.op} {node.target} of several branches "
+                f"({', '.join(str(a.target) for a in inputs)}), so no one layer is the head; "
+                f"{fix}")
+        node = inputs[0]
 
 
 def select_parameters(model: nn.Module, inner_params: InnerSelection) -> tuple[str, ...]:
     """The trainable parameter names that ``inner_params`` selects, in the model's order.
 
     ``inner_params`` is a name or prefix, a sequence of them, a predicate on names, or
-    ``None`` for the last module's parameters. A prefix matches whole name components:
+    ``None`` for the parameters of the layer that produces the output
+    (:func:`output_layer_parameters`). A prefix matches whole name components:
     ``"classifier"`` selects ``classifier.weight`` but not ``classifier2.weight``.
     """
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if inner_params is None:
-        chosen = set(last_module_parameters(model))
+        chosen = set(output_layer_parameters(model))
     elif callable(inner_params):
         chosen = {n for n in trainable if inner_params(n)}
     else:
@@ -67,8 +139,10 @@ class ANIL(MetaLearner):
         inner_steps: inner SGD steps during meta-training.
         inner_params: which parameters adapt: a name or prefix (``"classifier"``), a
             sequence of them, or a predicate on names; ``None`` (default) takes the
-            parameters of the model's last module that has any (``classifier`` in
-            :class:`~metalearn.models.Conv4`, the output ``Linear`` of an MLP).
+            parameters of the layer that produces the model's output, found by tracing
+            the model with ``torch.fx`` (:func:`output_layer_parameters`: ``classifier``
+            in :class:`~metalearn.models.Conv4`, the output ``Linear`` of an MLP); a model
+            that cannot be traced must name its head.
         first_order: treat the head's inner gradients as constants.
         loss: as for :class:`~metalearn.MAML`.
         **loss_options: as for :class:`~metalearn.MAML`.

@@ -262,17 +262,42 @@ class MetaLearner(nn.Module):
     def predict(self, fast: Params, x: torch.Tensor) -> torch.Tensor:
         """Outputs for ``x`` under adapted weights from :meth:`adapt` (batched or not).
 
-        Differentiable when ``fast`` is (``adapt(..., differentiable=True)``)."""
+        One task's weights take that task's inputs ``(n, ...)``; a batch of tasks' weights
+        take ``(B, n, ...)``. BatchNorm normalises with the statistics of the ``n`` inputs
+        of a task, as in meta-training (transductive); predict a task's queries together,
+        not one at a time. Differentiable when ``fast`` is
+        (``adapt(..., differentiable=True)``).
+        """
         reference = self.fmodel.params()
         name = next(iter(reference))
+        batched = fast[name].ndim != reference[name].ndim
+        if x.ndim >= 1 + batched:
+            self._check_not_alone(x.shape[int(batched)], "predict")
         # A graph kept for a later backward needs the exact kernels (order 2 serves any use).
         order = 2 if torch.is_grad_enabled() and any(v.requires_grad for v in fast.values()) \
             else 0
-        if fast[name].ndim == reference[name].ndim:
+        if not batched:
             return self.fmodel(fast, x, order=order)
         return vmap(self.fmodel, in_dims=(0, 0, None), randomness="different")(fast, x, order)
 
     # -- checks -------------------------------------------------------------------------
+    def _check_not_alone(self, examples: int, which: str) -> None:
+        """Refuse one example per task to a model with BatchNorm, whose batch statistics
+        would be that example's own (BatchNorm1d fails inside torch)."""
+        if examples != 1:
+            return
+        norms = [n for n, m in self.model.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if norms:
+            raise ValueError(
+                f"{which} got one example per task, but the model's BatchNorm layer {norms[0]!r} "
+                "normalises with the statistics of the examples it is given, as in "
+                "meta-training, and one example has none to give (BatchNorm1d fails, "
+                "BatchNorm2d would normalise the image by itself). Predict a task's queries "
+                "together, or each query with the task's support set, as evaluate("
+                "transductive=False) does: learner.predict(fast, torch.cat([support_x, "
+                "query]))[-1:]")
+
     def _check_inputs(self, x: torch.Tensor, y: torch.Tensor, which: str) -> None:
         ref = next(iter(self.fmodel.params().values()))
         if x.device != ref.device:
@@ -285,6 +310,8 @@ class MetaLearner(nn.Module):
                 f"{which} inputs are {x.dtype} but the model's parameters are {ref.dtype}; "
                 f"cast with batch.to(device, dtype={ref.dtype})"
             )
+        if x.ndim >= 2:
+            self._check_not_alone(x.shape[1], f"the {which} set")
         if not y.dtype.is_floating_point:
             if self._num_outputs is None:
                 with torch.no_grad():

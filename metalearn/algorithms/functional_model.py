@@ -49,4 +49,11 @@ class FunctionalModel:
 
     def __call__(self, params: Params, x: torch.Tensor, order: int = 2) -> torch.Tensor:
         with layers_for(self.module, order):
-            return functional_call(self.module, params, (x,), strict=False)
+            out = functional_call(self.module, params, (x,), strict=False)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"the model returned a {type(out).__name__}, but the learners need its forward "
+                "to return one tensor: the logits (classification) or the outputs "
+                "(regression). Wrap it in a module whose forward returns that tensor, e.g. "
+                "`return self.net(x)[0]` for a model that returns (logits, features)")
+        return out

@@ -4,8 +4,10 @@ torch 2.13 gets some derivatives wrong or slow under ``vmap`` over tasks: the se
 derivative of the native affine BatchNorm, InstanceNorm and LayerNorm is wrong (up to 1e-2
 relative in float64), and the double backward of a grouped convolution loops over its
 groups. This package swaps such layers of a user's model for ``autograd.Function``\\ s that
-are exact and fast at the order of derivative asked for. Nothing outside
-:class:`metalearn.algorithms.functional_model.FunctionalModel` calls :func:`layers_for`:
+are exact and fast at the order of derivative asked for, and computes the normalisation
+functions a model's code calls itself (``F.batch_norm`` and the like) the same way.
+Nothing outside :class:`metalearn.algorithms.functional_model.FunctionalModel` calls
+:func:`layers_for`:
 an algorithm only says how its forward will be differentiated,
 ``fmodel(params, x, order=...)``:
 
@@ -37,7 +39,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from metalearn.kernels.norm_layers import batch_statistics
+from metalearn.kernels.norm_layers import batch_statistics, norm_functions
 from metalearn.kernels.settings import (
     KernelSettings,
     current_settings,
@@ -54,7 +56,10 @@ def layers_for(model: nn.Module, order: int) -> Iterator[None]:
     """Run ``model``'s forwards inside the block on the kernels for ``order`` (table above).
 
     BatchNorm also uses the current batch's statistics without touching its running
-    buffers, as the MAML papers do (transductive BatchNorm), and ``vmap`` needs.
+    buffers, as the MAML papers do (transductive BatchNorm), and ``vmap`` needs. The same
+    holds for ``F.batch_norm``, ``F.instance_norm`` and ``F.layer_norm`` called by the
+    model's own code (:func:`~metalearn.kernels.norm_layers.norm_functions`).
     """
-    with forward_of_order(order), batch_statistics(model), per_task_convolutions(model):
+    with (forward_of_order(order), batch_statistics(model), norm_functions(model),
+          per_task_convolutions(model)):
         yield

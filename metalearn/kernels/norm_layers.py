@@ -20,10 +20,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from math import prod
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from metalearn.kernels.layer_swap import leading, swapped_forwards, task_first
 from metalearn.kernels.settings import native_kernels
@@ -216,49 +218,70 @@ def _task_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, w_dim: int | 
     return out.view(n, tasks, c, *x.shape[3:]), mean.view(stats_shape), invstd.view(stats_shape)
 
 
-def _batch_norm_with_batch_stats(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
+def _batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> torch.Tensor:
+    """Batch norm with the statistics of ``x`` (channels in dim 1), running stats untouched."""
     if native_kernels():
         if _channels_last(x):
             # Copy only then: under vmap, contiguous() would also copy a grouped
             # convolution's output.
             x = x.contiguous()
-        return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
+        # torch.batch_norm, not F.batch_norm: _FunctionalNorms would take it for the model's.
+        return torch.batch_norm(x, weight, bias, None, None, True, 0.0, eps,
+                                torch.backends.cudnn.enabled)
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    weight = None if module.weight is None else module.weight.view(shape)
-    bias = None if module.bias is None else module.bias.view(shape)
-    return _NormalizeWithStatistics.apply(x, weight, bias, [0, *range(2, x.ndim)],
-                                          module.eps)[0]
+    weight = None if weight is None else weight.view(shape)
+    bias = None if bias is None else bias.view(shape)
+    return _NormalizeWithStatistics.apply(x, weight, bias, [0, *range(2, x.ndim)], eps)[0]
+
+
+def _batch_norm_with_batch_stats(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
+    return _batch_norm(x, module.weight, module.bias, module.eps)
+
+
+def _instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float, channel_dim: int) -> torch.Tensor:
+    """Instance norm with each instance's statistics; ``channel_dim`` 0 for unbatched input."""
+    if native_kernels():
+        batched = x if channel_dim else x.unsqueeze(0)
+        out = torch.instance_norm(batched, weight, bias, None, None, True, 0.0, eps,
+                                  torch.backends.cudnn.enabled)
+        return out if channel_dim else out.squeeze(0)
+    shape = (-1,) + (1,) * (x.ndim - channel_dim - 1)
+    weight = None if weight is None else weight.view(shape)
+    bias = None if bias is None else bias.view(shape)
+    return _NormalizeWithStatistics.apply(x, weight, bias, list(range(channel_dim + 1, x.ndim)),
+                                          eps)[0]
 
 
 def _instance_norm_with_instance_stats(module: nn.modules.instancenorm._InstanceNorm,
                                        x: torch.Tensor):
-    channel_dim = x.ndim - module._get_no_batch_dim()  # 0 for unbatched input
-    if native_kernels():
-        weight, bias = (module.weight, module.bias) if module.affine else (None, None)
-        batched = x if channel_dim else x.unsqueeze(0)
-        out = F.instance_norm(batched, None, None, weight, bias, True, 0.0, module.eps)
-        return out if channel_dim else out.squeeze(0)
-    shape = (-1,) + (1,) * (x.ndim - channel_dim - 1)
-    weight = module.weight.view(shape) if module.affine else None
-    bias = module.bias.view(shape) if module.affine else None
-    return _NormalizeWithStatistics.apply(x, weight, bias, list(range(channel_dim + 1, x.ndim)),
-                                          module.eps)[0]
+    weight, bias = (module.weight, module.bias) if module.affine else (None, None)
+    return _instance_norm(x, weight, bias, module.eps, x.ndim - module._get_no_batch_dim())
 
 
-def _layer_norm(module: nn.LayerNorm, x: torch.Tensor):
+def _layer_norm_of(x: torch.Tensor, normalized_shape: tuple[int, ...],
+                   weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float) -> torch.Tensor:
     if native_kernels():
-        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+        return torch.layer_norm(x, normalized_shape, weight, bias, eps,
+                                torch.backends.cudnn.enabled)
     # The Function centres x before scaling (x * rstd - mean * rstd had up to 1.7x the native
     # layer's float32 error in the second derivative) and keeps only x and the statistics.
     # Its weight is per channel over the statistics dims; LayerNorm's is elementwise there,
     # so the affine goes outside it.
-    dims = list(range(x.ndim - len(module.normalized_shape), x.ndim))
-    out = _NormalizeWithStatistics.apply(x, None, None, dims, module.eps)[0]
-    if module.weight is not None:
-        out = out * module.weight
-    if module.bias is not None:
-        out = out + module.bias
+    dims = list(range(x.ndim - len(normalized_shape), x.ndim))
+    out = _NormalizeWithStatistics.apply(x, None, None, dims, eps)[0]
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
     return out
+
+
+def _layer_norm(module: nn.LayerNorm, x: torch.Tensor):
+    return _layer_norm_of(x, tuple(module.normalized_shape), module.weight, module.bias,
+                          module.eps)
 
 
 def _exact_forward(m: nn.Module):
@@ -294,3 +317,72 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
         finally:
             for m, mean, var in saved:
                 m.running_mean, m.running_var = mean, var
+
+
+# -- normalisation functions called by the model's own code --------------------------------
+def _functional_batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                           training=False, momentum=0.1, eps=1e-5):
+    # As for the modules: the batch's statistics, in every mode; running stats untouched.
+    return _batch_norm(input, weight, bias, eps)
+
+
+def _functional_instance_norm(input, running_mean=None, running_var=None, weight=None,
+                              bias=None, use_input_stats=True, momentum=0.1, eps=1e-5):
+    if not use_input_stats:  # an affine map with fixed statistics: exact natively
+        return NotImplemented
+    return _instance_norm(input, weight, bias, eps, channel_dim=1)
+
+
+def _functional_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return _layer_norm_of(input, tuple(normalized_shape), weight, bias, eps)
+
+
+_FUNCTIONS = {F.batch_norm: _functional_batch_norm, F.instance_norm: _functional_instance_norm,
+              F.layer_norm: _functional_layer_norm}
+
+
+class _FunctionalNorms(TorchFunctionMode):
+    """Computes ``F.batch_norm``, ``F.instance_norm`` and ``F.layer_norm`` called by a model's
+    own code as the modules are computed (:func:`batch_statistics`); records whether any was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _FUNCTIONS.get(func)
+        if handler is not None:
+            out = handler(*args, **kwargs)
+            if out is not NotImplemented:
+                self.used = True
+                return out
+        return func(*args, **kwargs)
+
+
+# Whether a model's forward calls those functions, by model and training mode (a forward may
+# branch on self.training): known after its first forward, which runs under the mode.
+_CALLS_NORM_FUNCTIONS: WeakKeyDictionary[nn.Module, dict[bool, bool]] = WeakKeyDictionary()
+
+
+@contextmanager
+def norm_functions(model: nn.Module) -> Iterator[None]:
+    """Make the normalisation functions the model calls itself exact under vmap, like the
+    modules: ``F.batch_norm`` with the batch's statistics in every mode (running statistics
+    neither used nor updated, as for ``nn.BatchNorm``), ``F.instance_norm`` with each
+    instance's, ``F.layer_norm``. ``F.group_norm`` is exact natively.
+
+    A ``TorchFunctionMode`` intercepts them; since it sees every torch call of the forward,
+    it stays on only for the models whose first forward (in each of train and eval mode)
+    called one.
+    """
+    seen = _CALLS_NORM_FUNCTIONS.setdefault(model, {})
+    known = seen.get(model.training)
+    if known is False:
+        yield
+        return
+    mode = _FunctionalNorms()
+    with mode:
+        yield
+    if known is None:
+        seen[model.training] = mode.used
