@@ -17,6 +17,7 @@ from metalearn.config import (
     TrainConfig,
     build_learner,
     build_sampler,
+    evaluation_tasks,
 )
 from metalearn.evaluation import evaluate, format_metric
 from metalearn.memory import memory_profile
@@ -72,9 +73,9 @@ def run_bench(base: TrainConfig, algorithms: Sequence[str], *, out: str | Path,
         result = train(cfg, progress=progress)
         train_seconds = time.perf_counter() - t0
 
-        test = build_sampler(cfg, "test", seed=TEST_SEED, evaluation=True).sample(tasks)
+        test = evaluation_tasks(cfg, "test", TEST_SEED, tasks)
         eval_learner = build_learner(cfg, result.model, evaluation=True, share=result.learner)
-        ev = evaluate(eval_learner, test.to(device), max_steps=eval_steps, progress=progress)
+        ev = evaluate(eval_learner, **test, max_steps=eval_steps, progress=progress)
         curves[algorithm] = ev.to_dict()
 
         batch = build_sampler(cfg, "train", seed=cfg.seed + 7).sample(cfg.meta_batch).to(device)

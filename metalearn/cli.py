@@ -392,10 +392,8 @@ def _train(args, parser) -> int:
 def _eval(args) -> int:
     import json
 
-    import torch
-
     from metalearn.checkpoint import CheckpointError, atomic_write, load_checkpoint
-    from metalearn.config import build_learner, build_model, build_sampler
+    from metalearn.config import build_learner, build_model, evaluation_tasks
     from metalearn.evaluation import evaluate
 
     state = load_checkpoint(args.checkpoint)
@@ -424,8 +422,8 @@ def _eval(args) -> int:
                                   f"{str(err).splitlines()[0]}") from None
     if args.download:
         _fetch_data(args, cfg.dataset)
-    tasks = build_sampler(cfg, args.split, seed=args.seed, evaluation=True).sample(args.tasks)
-    result = evaluate(learner, tasks.to(torch.device(args.device)), max_steps=args.steps,
+    tasks = evaluation_tasks(cfg, args.split, args.seed, args.tasks)
+    result = evaluate(learner, **tasks, max_steps=args.steps,
                       transductive=not args.non_transductive, progress=not args.no_progress)
     print(f"{cfg.algorithm} on {cfg.dataset} {args.split} split, {args.tasks} tasks, "
           f"checkpoint iteration {state.get('iteration')}")

@@ -433,6 +433,21 @@ def build_sampler(cfg: TrainConfig, split: str, seed: int, evaluation: bool = Fa
                          queries=queries, seed=seed)
 
 
+def evaluation_tasks(cfg: TrainConfig, split: str, seed: int, count: int) -> dict[str, Any]:
+    """The fixed ``count`` tasks of ``split`` to score a model on, as keyword arguments of
+    :func:`~metalearn.evaluation.evaluate` (``tasks=``, and ``num_tasks=`` for a sampler).
+
+    Sine and Omniglot tasks are drawn at once (600 Omniglot 5-way 1-shot tasks with 15
+    queries per class take 150 MB), which keeps the task sets of the committed results. The
+    RGB benchmarks are drawn a chunk at a time while they are scored (600 miniImageNet tasks
+    would take 4 GB at once).
+    """
+    sampler = build_sampler(cfg, split, seed=seed, evaluation=True)
+    if cfg.dataset in BENCHMARKS:
+        return {"tasks": sampler, "num_tasks": count}
+    return {"tasks": sampler.sample(count)}
+
+
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     """The outer optimiser, with weight decay."""
     lr, wd = cfg.outer_lr, cfg.weight_decay

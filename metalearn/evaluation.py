@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,9 +243,12 @@ def evaluate(
             loss of your own if you like (``TrainResult.learner`` from
             :func:`~metalearn.train`).
         tasks: the test tasks, a :class:`~metalearn.data.TaskBatch`; or a task sampler
-            (anything with ``sample(n) -> TaskBatch``) to draw ``num_tasks`` of them from.
-            Processed ``batch_size`` tasks at a time, each chunk moved to the model's
-            device (and its floating-point dtype).
+            (anything with ``sample(n) -> TaskBatch``) to draw ``num_tasks`` of them from,
+            ``batch_size`` at a time, so that only one chunk is in memory (600 miniImageNet
+            tasks with 15 queries per class would take 4 GB at once); the tasks are then
+            fixed by the sampler's state, ``num_tasks`` and ``batch_size``. Processed
+            ``batch_size`` tasks at a time, each chunk moved to the model's device (and its
+            floating-point dtype).
         max_steps: K, the largest inner-step count scored.
         transductive: ``True`` predicts each task's query set in one forward pass, so
             BatchNorm uses the query set's statistics (the MAML protocol). ``False``
@@ -278,10 +281,10 @@ def evaluate(
         >>> result.metric, result.steps, tuple(result.per_task.shape)
         ('mse', [0, 1, 2, 3], (20, 4))
     """
-    tasks = _draw_tasks(tasks, num_tasks)
-    _check_args(tasks, max_steps, batch_size)
+    first, chunks, count = _task_chunks(tasks, num_tasks, batch_size)
+    _check_args(first, max_steps, batch_size)
     if metric is None:
-        metric = default_metric(tasks.is_classification, getattr(learner, "loss", None))
+        metric = default_metric(first.is_classification, getattr(learner, "loss", None))
     elif not isinstance(metric, Metric):
         raise TypeError(f"metric must be a metalearn.evaluation.Metric, got "
                         f"{type(metric).__name__}; wrap a function as Metric(name, fn, "
@@ -293,9 +296,9 @@ def evaluate(
     model.eval()
     rows = []
     try:
-        starts = range(0, len(tasks), batch_size)
-        for start in tqdm(starts, desc="evaluate", unit="chunk", disable=not progress):
-            chunk = tasks[start:start + batch_size].to(device, dtype=dtype)
+        for chunk in tqdm(chunks, total=count, desc="evaluate", unit="chunk",
+                          disable=not progress):
+            chunk = chunk.to(device, dtype=dtype)
             path = learner.adapt(chunk.support_x, chunk.support_y, steps=max_steps,
                                  trajectory=True)
             with torch.no_grad():
@@ -314,21 +317,46 @@ def evaluate(
     return EvaluationResult.from_per_task(metric.name, torch.cat(rows))
 
 
-def _draw_tasks(tasks: Any, num_tasks: int | None) -> TaskBatch:
-    """``tasks`` itself, or ``num_tasks`` tasks drawn from the sampler ``tasks``."""
+def _task_chunks(tasks: Any, num_tasks: int | None, batch_size: int
+                 ) -> tuple[TaskBatch, Iterator[TaskBatch], int]:
+    """The first chunk, an iterator over all chunks (the first included) and their count:
+    slices of a ``TaskBatch``, or ``num_tasks`` tasks drawn ``batch_size`` at a time from
+    a sampler."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(tasks, TaskBatch):
         if num_tasks is not None:
             raise ValueError("num_tasks is for drawing from a sampler; tasks is already a "
                              "TaskBatch (slice it, tasks[:n], to use fewer)")
-        return tasks
+        starts = range(0, len(tasks), batch_size)
+        return tasks, (tasks[s:s + batch_size] for s in starts), len(starts)
+    _check_sampler(tasks, num_tasks)
+    first = _draw(tasks, min(batch_size, num_tasks))
+
+    def chunks() -> Iterator[TaskBatch]:
+        yield first
+        for start in range(batch_size, num_tasks, batch_size):
+            yield _draw(tasks, min(batch_size, num_tasks - start))
+
+    return first, chunks(), -(-num_tasks // batch_size)
+
+
+def _check_sampler(tasks: Any, num_tasks: int | None) -> None:
     if not callable(getattr(tasks, "sample", None)):
         raise TypeError(f"tasks must be a TaskBatch or a sampler with sample(n) -> TaskBatch, "
                         f"got {type(tasks).__name__}")
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"tasks is a sampler: give num_tasks, an integer >= 1, for how many "
                          f"tasks to draw from it (got {num_tasks!r})")
-    drawn = tasks.sample(num_tasks)
+
+
+def _draw(tasks: Any, n: int) -> TaskBatch:
+    """``n`` tasks drawn from the sampler ``tasks``, checked."""
+    drawn = tasks.sample(n)
     if not isinstance(drawn, TaskBatch):
-        raise TypeError(f"tasks.sample({num_tasks}) returned {type(drawn).__name__}, not a "
+        raise TypeError(f"tasks.sample({n}) returned {type(drawn).__name__}, not a "
                         "TaskBatch")
+    if len(drawn) != n:
+        raise ValueError(f"tasks.sample({n}) returned {len(drawn)} tasks; a sampler must "
+                         "return as many as asked for")
     return drawn

@@ -177,3 +177,36 @@ def test_bad_arguments(kwargs, error, match):
     args = {"tasks": SineTasks(seed=0).sample(3), "progress": False, **kwargs}
     with pytest.raises(error, match=match):
         evaluate(MAML(MLP(), 0.01, 1), **args)
+
+
+class _CountingSampler:
+    """Sine tasks, recording every draw's size."""
+
+    def __init__(self, seed):
+        self.inner, self.draws = SineTasks(seed=seed), []
+
+    def sample(self, n):
+        self.draws.append(n)
+        return self.inner.sample(n)
+
+
+def test_a_sampler_is_drawn_one_chunk_at_a_time():
+    torch.manual_seed(0)
+    maml = MAML(MLP(), inner_lr=0.01, inner_steps=1)
+    sampler = _CountingSampler(seed=3)
+    got = evaluate(maml, sampler, num_tasks=23, batch_size=10, max_steps=2, progress=False)
+    assert sampler.draws == [10, 10, 3]  # never more than one chunk in memory
+    replay = SineTasks(seed=3)
+    same = TaskBatch.cat([replay.sample(n) for n in (10, 10, 3)])
+    want = evaluate(maml, same, batch_size=10, max_steps=2, progress=False)
+    torch.testing.assert_close(got.per_task, want.per_task)
+
+
+def test_evaluation_tasks_keep_small_task_sets_whole():
+    from metalearn.config import TrainConfig, evaluation_tasks
+
+    cfg = TrainConfig(dataset="sine").resolved()
+    drawn = evaluation_tasks(cfg, "test", seed=5, count=7)
+    assert set(drawn) == {"tasks"}
+    torch.testing.assert_close(drawn["tasks"].query_y, SineTasks(
+        shots=cfg.eval_shots, queries=cfg.eval_queries, seed=5).sample(7).query_y)
