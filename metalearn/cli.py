@@ -127,6 +127,9 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
     m = p.add_argument_group("model and run")
     m.add_argument("--init", choices=("xavier", "he"), default="xavier")
     m.add_argument("--dropout", type=_non_negative_float, default=0.0)
+    m.add_argument("--backbone", choices=("conv4", "resnet12"), help="the network: the "
+                   "dataset's Conv4 (default; the MLP for sine), or resnet12 (Lee et al. "
+                   "2019, 12.4M parameters) for the RGB benchmarks")
     m.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     m.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -143,7 +146,7 @@ def _config_from(args: argparse.Namespace, **extra) -> TrainConfig:
     keys = ("dataset", "ways", "shots", "queries", "meta_batch", "iterations", "data_root",
             "inner_lr", "inner_steps", "inner_batch", "inner_optimizer", "inner_flood",
             "flood_mode", "outer_flood", "label_smoothing", "outer_optimizer", "outer_lr",
-            "weight_decay", "schedule", "init", "dropout", "seed", "device")
+            "weight_decay", "schedule", "init", "dropout", "backbone", "seed", "device")
     keys += ("first_order", "anil_inner", "imaml_lambda", "cg_steps", "imaml_inner_solve",
              "cg_damping", "lam_damping", "lslr", "multi_step_loss", "msl_iterations",
              "first_order_iterations", "per_step_bn")

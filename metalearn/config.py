@@ -12,7 +12,7 @@ from torch import nn
 
 from metalearn.algorithms import ANIL, FOMAML, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile
 from metalearn.algorithms.base import MetaLearner
-from metalearn.models import MLP, Conv4
+from metalearn.models import MLP, Conv4, ResNet12
 
 DATASETS = ("sine", "omniglot", "mini-imagenet", "tiered-imagenet", "cifar-fs", "fc100")
 OUTER_OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam")
@@ -131,6 +131,7 @@ ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
 }
 
 ALGORITHMS = tuple(ALGORITHM_SPECS)
+BACKBONES = ("conv4", "resnet12")
 
 
 
@@ -231,6 +232,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "inner_optimizer": (_one_of(("sgd", "adam")), "one of ('sgd', 'adam')"),
     "flood_mode": (_one_of(("batch", "instance")), "one of ('batch', 'instance')"),
     "init": (_one_of(("xavier", "he")), "one of ('xavier', 'he')"),
+    "backbone": (_one_of(BACKBONES), f"one of {BACKBONES}"),
     **{name: _FLAG for name in ("first_order", "lslr", "multi_step_loss", "per_step_bn",
                                 "memory_saving")},
 }
@@ -270,6 +272,8 @@ class TrainConfig:
     schedule: str | None = None
     init: str = "xavier"
     dropout: float = 0.0
+    # None: the dataset's network (the sine MLP, a Conv4); "resnet12" for the RGB benchmarks.
+    backbone: str | None = None
     label_smoothing: float = 0.0
     eval_shots: int | None = None
     eval_queries: int | None = None
@@ -365,6 +369,17 @@ class TrainConfig:
                 raise ValueError(f"ways={self.ways} exceeds the {bench.val_classes} classes of "
                                  f"the {bench.name} validation split; use ways <= "
                                  f"{bench.val_classes}")
+        if self.backbone == "conv4" and self.dataset == "sine":
+            raise ValueError("backbone='conv4' is for images; sine uses the MLP: leave "
+                             "backbone unset")
+        if self.backbone == "resnet12":
+            if self.dataset not in BENCHMARKS:
+                raise ValueError(f"backbone='resnet12' is for the RGB benchmarks "
+                                 f"{tuple(BENCHMARKS)}, not {self.dataset!r}; leave backbone "
+                                 "unset for the dataset's own network")
+            if self.init != "xavier":
+                raise ValueError("init applies to the Conv4 and the MLP; ResNet12 keeps its "
+                                 "paper's initialisation: leave init unset")
         if self.algorithm == "reptile" and self.inner_steps == 0:
             raise ValueError("inner_steps must be >= 1 for reptile: with none, phi = theta "
                              "and the update theta + epsilon * (phi - theta) changes nothing")
@@ -383,9 +398,13 @@ class TrainConfig:
 
 def build_model(cfg: TrainConfig) -> nn.Module:
     """The paper's network for the dataset: the sine MLP, the Omniglot Conv4, or for the
-    RGB benchmarks the miniImageNet Conv4 of MAML (32 filters, max-pooling)."""
+    RGB benchmarks the miniImageNet Conv4 of MAML (32 filters, max-pooling), or the
+    :class:`~metalearn.models.ResNet12` with ``backbone="resnet12"``."""
     if cfg.dataset == "sine":
         return MLP(init=cfg.init, dropout=cfg.dropout)
+    if cfg.backbone == "resnet12":
+        return ResNet12(cfg.ways, image_size=BENCHMARKS[cfg.dataset].image_size,
+                        drop_rate=cfg.dropout)
     if cfg.dataset in BENCHMARKS:
         return Conv4(ways=cfg.ways, in_channels=3, hidden=32,
                      image_size=BENCHMARKS[cfg.dataset].image_size, max_pool=True,

@@ -4,6 +4,7 @@ has one rule, and resolving is idempotent."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from metalearn.config import (
     ALGORITHM_SPECS,
@@ -82,3 +83,21 @@ def test_mamlpp_on_omniglot_takes_the_reference_codes_config():
     # A flag still wins over the dataset default.
     flagged = TrainConfig(dataset="omniglot", algorithm="mamlpp", inner_lr=0.4).resolved()
     assert flagged.inner_lr == 0.4
+
+
+def test_backbone_resnet12_for_the_rgb_benchmarks_only():
+    from metalearn.models import ResNet12
+
+    cfg = TrainConfig(dataset="cifar-fs", backbone="resnet12", dropout=0.1).resolved()
+    model = build_model(cfg)
+    assert isinstance(model, ResNet12)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+    assert TrainConfig(dataset="mini-imagenet").resolved().backbone is None  # Conv4
+    with pytest.raises(ValueError, match="backbone='resnet12' is for the RGB benchmarks"):
+        TrainConfig(dataset="omniglot", backbone="resnet12").resolved()
+    with pytest.raises(ValueError, match="ResNet12 keeps its paper's initialisation"):
+        TrainConfig(dataset="fc100", backbone="resnet12", init="he").resolved()
+    with pytest.raises(ValueError, match="sine uses the MLP"):
+        TrainConfig(dataset="sine", backbone="conv4").resolved()
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        TrainConfig(dataset="fc100", backbone="vit").resolved()
