@@ -209,7 +209,8 @@ def search(
         >>> len(result.trials), sorted(result.best)
         (2, ['ci95', 'point', 'seeds', 'value'])
     """
-    from metalearn.training import UserObjects, train
+    from metalearn.training import train
+    from metalearn.user_objects import UserObjects
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError("search runs its trials one after another in one process; run it "

@@ -129,8 +129,10 @@ def test_train_kill_resume_and_evaluate_a_user_model_loss_and_data(tmp_path):
                                 metric=LABEL_ACCURACY)
     assert scored.metric == "label accuracy" and scored.steps == [0, 1, 2, 3]
     assert scored.mean[-1] > scored.mean[0]  # adaptation helps: the labels are per task
+    # One chunk of 40: the same draw as sample(40) (chunks of batch_size are drawn apart).
     from_sampler = metalearn.evaluate(resumed.learner, MultiLabelTasks(seed=2), num_tasks=40,
-                                      max_steps=3, progress=False, metric=LABEL_ACCURACY)
+                                      batch_size=40, max_steps=3, progress=False,
+                                      metric=LABEL_ACCURACY)
     torch.testing.assert_close(from_sampler.per_task, scored.per_task, rtol=0, atol=0)
     default = metalearn.evaluate(resumed.learner, test, max_steps=0, progress=False)
     assert default.metric == "loss"
