@@ -74,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, header  # noqa: E402
 from metalearn import evaluate, train  # noqa: E402
-from metalearn.algorithms.losses import FLOOD_MODES, per_example_loss  # noqa: E402
+from metalearn.algorithms.losses import FLOOD_MODES  # noqa: E402
 from metalearn.bench import TEST_SEED  # noqa: E402
 from metalearn.checkpoint import atomic_write, load_checkpoint  # noqa: E402
 from metalearn.config import (  # noqa: E402
@@ -139,7 +139,7 @@ def support_losses(learner, tasks, steps: int, chunk: int = 25) -> tuple:
         path = learner.adapt(part.support_x, part.support_y, steps=steps, trajectory=True)
 
         def losses(fast, x, y):
-            return per_example_loss(learner.fmodel(fast, x), y, learner.label_smoothing)
+            return learner.loss.per_example(learner.fmodel(fast, x), y)
 
         per_step = [vmap(losses, randomness="different")(f, part.support_x, part.support_y)
                     for f in path]

@@ -67,6 +67,10 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
                    "for sine); default: as many as shots")
     g.add_argument("--meta-batch", type=_positive_int, help="tasks per meta-iteration")
     g.add_argument("--iterations", type=_positive_int, help=iterations_help)
+    g.add_argument("--train-classes", type=_positive_int, metavar="N", help="meta-train on "
+                   "only N classes of the training split (Omniglot: characters), a fixed "
+                   "subset that does not depend on --seed; validation and test unchanged "
+                   "(default: all)")
     g.add_argument("--data-root", help="folder holding the dataset's folder: omniglot/, "
                    "mini-imagenet/, tiered-imagenet/ or cifar100/ (default: $METALEARN_DATA, "
                    "then ~/.cache/metalearn)")
@@ -150,7 +154,7 @@ def _config_from(args: argparse.Namespace, **extra) -> TrainConfig:
     keys += ("first_order", "anil_inner", "imaml_lambda", "cg_steps", "imaml_inner_solve",
              "cg_damping", "lam_damping", "lslr", "multi_step_loss", "msl_iterations",
              "first_order_iterations", "per_step_bn")
-    keys += ("memory_saving",)
+    keys += ("memory_saving", "train_classes")
     values = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     values.update(extra)
     return TrainConfig(**values)

@@ -218,7 +218,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{name: (_integer(1), "an integer >= 1") for name in (
         "ways", "shots", "queries", "meta_batch", "iterations", "eval_shots", "eval_queries",
         "val_every", "val_tasks", "patience", "inner_batch", "eval_inner_batch",
-        "msl_iterations")},
+        "msl_iterations", "train_classes")},
     **{name: (_integer(0), "an integer >= 0") for name in (
         "inner_steps", "eval_steps", "cg_steps", "first_order_iterations")},
     **{name: (_finite(0, True), "a finite number > 0") for name in (
@@ -301,6 +301,9 @@ class TrainConfig:
     # MAML only: recompute inner-step activations in the backward (same meta-gradient, less
     # memory). None is off, so configs saved before this option existed stay unchanged.
     memory_saving: bool | None = None
+    # Meta-train on a fixed subset of this many classes of the training split (None: all);
+    # validation and test unchanged. See train_split_classes and build_sampler.
+    train_classes: int | None = None
 
     def resolved(self) -> TrainConfig:
         """A copy with the paper defaults filled in and every value checked."""
@@ -380,12 +383,29 @@ class TrainConfig:
             if self.init != "xavier":
                 raise ValueError("init applies to the Conv4 and the MLP; ResNet12 keeps its "
                                  "paper's initialisation: leave init unset")
+        if self.train_classes is not None:
+            if self.dataset == "sine":
+                raise ValueError("train_classes (--train-classes) picks classes of a "
+                                 "class-split dataset; sine tasks have none: leave it unset")
+            available = train_split_classes(self.dataset)
+            if not self.ways <= self.train_classes <= available:
+                raise ValueError(
+                    f"train_classes (--train-classes) = {self.train_classes} must be >= ways "
+                    f"= {self.ways} (a task needs {self.ways} distinct classes) and <= "
+                    f"{available}, the classes of the {self.dataset} training split")
         if self.algorithm == "reptile" and self.inner_steps == 0:
             raise ValueError("inner_steps must be >= 1 for reptile: with none, phi = theta "
                              "and the update theta + epsilon * (phi - theta) changes nothing")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as a dict; those of ``OMITTED_WHEN_UNSET`` only when set, so the
+        saved configs (checkpoints, search trial keys, result files) of runs that do not
+        use them are the same as before they existed."""
+        values = asdict(self)
+        for name in OMITTED_WHEN_UNSET:
+            if values[name] is None:
+                del values[name]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -394,6 +414,22 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
         return cls(**values)
+
+
+# Settings added after runs were saved that to_dict() leaves out while unset (a saved config
+# without one reads back as None: from_dict's default, and the resume check's .get()).
+OMITTED_WHEN_UNSET = ("train_classes", "backbone", "imaml_inner_solve", "cg_damping",
+                      "lam_damping")
+
+
+def train_split_classes(dataset: str) -> int:
+    """The classes of ``dataset``'s training split (Omniglot: characters, before rotation)."""
+    import metalearn.data
+    from metalearn.data.omniglot import split_classes
+
+    if dataset == "omniglot":
+        return len(split_classes("train"))
+    return len(getattr(metalearn.data, BENCHMARKS[dataset].sampler)._splits["train"])
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -436,7 +472,11 @@ def build_learner(cfg: TrainConfig, model: nn.Module, evaluation: bool = False,
 
 
 def build_sampler(cfg: TrainConfig, split: str, seed: int, evaluation: bool = False):
-    """A seeded task sampler for ``split`` ("train", "val" or "test")."""
+    """A seeded task sampler for ``split`` ("train", "val" or "test").
+
+    ``cfg.train_classes`` restricts the "train" split (only) to a fixed subset of its
+    classes, the same for every seed (:func:`~metalearn.data.few_shot.class_subset`).
+    """
     import metalearn.data
     from metalearn.data import OmniglotTasks, SineTasks
 
@@ -444,12 +484,13 @@ def build_sampler(cfg: TrainConfig, split: str, seed: int, evaluation: bool = Fa
     queries = cfg.eval_queries if evaluation else cfg.queries
     if cfg.dataset == "sine":
         return SineTasks(shots=shots, queries=queries, seed=seed)
+    subset = {"subset": cfg.train_classes} if split == "train" and cfg.train_classes else {}
     if cfg.dataset in BENCHMARKS:
         sampler = getattr(metalearn.data, BENCHMARKS[cfg.dataset].sampler)
         return sampler(root=cfg.data_root, split=split, ways=cfg.ways, shots=shots,
-                       queries=queries, seed=seed)
+                       queries=queries, seed=seed, **subset)
     return OmniglotTasks(root=cfg.data_root, split=split, ways=cfg.ways, shots=shots,
-                         queries=queries, seed=seed)
+                         queries=queries, seed=seed, **subset)
 
 
 def evaluation_tasks(cfg: TrainConfig, split: str, seed: int, count: int) -> dict[str, Any]:

@@ -78,6 +78,11 @@ class UserObjects:
                         f"{name}={getattr(cfg, name)!r} configures the built-in model, but "
                         f"model= is your own; build that into your model and leave {name} at "
                         f"{default!r}")
+        if self.train_sampler is not None and cfg.train_classes is not None:
+            raise ValueError(f"train_classes={cfg.train_classes} restricts the built-in "
+                             "training sampler, but train_sampler= is your own; draw from "
+                             "the classes you want in it (FewShotTasks(classes=...)) and "
+                             "leave train_classes unset")
         if self.loss is not None and cfg.label_smoothing:
             raise ValueError("label_smoothing applies to the built-in cross-entropy, but loss= "
                              "is your own; smooth inside your loss and leave label_smoothing "

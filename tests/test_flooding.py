@@ -63,3 +63,87 @@ def test_zero_level_means_off():
     _, zero, _ = one_step_update(level=0.0, mode="instance")
     for name in off:
         torch.testing.assert_close(off[name], zero[name])
+
+
+# -- how often the flood acts, reported by step() -------------------------------------------
+def test_flood_active_formulas():
+    from metalearn.algorithms.losses import flood_active
+
+    losses = torch.tensor([0.25, 0.5, 0.75])  # mean 0.5, exact in binary
+    assert flood_active(losses, None).item() == 0.0
+    assert flood_active(losses, 0.5, "batch").item() == 0.0  # at the level: not below
+    assert flood_active(losses, 0.7, "batch").item() == 1.0
+    assert flood_active(losses, 0.7, "instance").item() == pytest.approx(2 / 3)
+    assert flood_active(losses, 0.1, "instance").item() == 0.0
+
+
+def _by_hand(maml, batch, steps, inner, outer, mode):
+    """The activity and query loss of step(), from adapt()'s trajectory and plain forwards."""
+    def active(losses, level):
+        return float(losses.mean() < level) if mode == "batch" else \
+            (losses < level).double().mean().item()
+
+    inner_active, outer_active, query = [], [], []
+    for t in range(len(batch)):
+        sx, sy, qx, qy = (batch.support_x[t], batch.support_y[t], batch.query_x[t],
+                          batch.query_y[t])
+        # The weights after 0..steps inner steps of this task (flooded as in training).
+        fast_path = maml.adapt(sx, sy, steps=steps, trajectory=True)
+        with torch.no_grad():
+            inner_active.append(sum(active(losses_of(maml.fmodel(p, sx), sy), inner)
+                                    for p in fast_path[:steps]) / steps)
+            q = losses_of(maml.fmodel(fast_path[steps], qx), qy)
+        outer_active.append(active(q, outer))
+        query.append(q.mean().item())
+    n = len(batch)
+    return sum(inner_active) / n, sum(outer_active) / n, sum(query) / n
+
+
+@pytest.mark.parametrize("mode", ["batch", "instance"])
+@pytest.mark.parametrize("first_order, memory_saving", [(False, False), (True, False),
+                                                        (False, True)])
+def test_step_reports_flood_activity_as_computed_by_hand(mode, first_order, memory_saving):
+    torch.manual_seed(0)
+    steps, inner, outer = 2, 0.8, 1.5
+    batch = SineTasks(shots=5, queries=5, seed=3).sample(6)
+    maml = MAML(MLP(), 0.02, steps, first_order=first_order, inner_flood=inner,
+                outer_flood=outer, flood_mode=mode, memory_saving=memory_saving)
+    expected = _by_hand(maml, batch, steps, inner, outer, mode)
+    metrics = maml.step(batch)
+    assert set(metrics) == {"loss", "query_loss", "inner_flood_active", "outer_flood_active"}
+    got = (metrics["inner_flood_active"], metrics["outer_flood_active"], metrics["query_loss"])
+    assert got == pytest.approx(expected, abs=1e-5)
+    # The levels sit inside the losses' range, so the check is not of all-or-nothing values.
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+
+
+def test_unflooded_step_reports_what_it_did_before():
+    torch.manual_seed(0)
+    batch = SineTasks(seed=0).sample(4)
+    assert set(MAML(MLP(), 0.01, 1).step(batch)) == {"loss"}
+    assert set(MAML(MLP(), 0.01, 1, outer_flood=0.5).step(batch)) == {
+        "loss", "query_loss", "outer_flood_active"}
+    assert set(MAML(MLP(), 0.01, 1, inner_flood=0.5).step(batch)) == {
+        "loss", "inner_flood_active"}
+
+
+def test_measuring_the_inner_flood_changes_no_gradient_even_with_dropout(monkeypatch):
+    from metalearn.algorithms.base import MetaLearner
+
+    def grads(measure: bool):
+        torch.manual_seed(0)
+        model = MLP(dropout=0.3)
+        maml = MAML(model, 0.01, 2, inner_flood=0.5)
+        if not measure:
+            monkeypatch.setattr(MetaLearner, "_inner_flood_active",
+                                lambda self, points, x, y: x.new_zeros(()))
+        torch.manual_seed(1)
+        maml.step(SineTasks(seed=0).sample(4))
+        torch.manual_seed(1)
+        maml.step(SineTasks(seed=1).sample(4))  # the draws after the first step, too
+        return [p.grad.clone() for p in model.parameters()]
+
+    measured = grads(True)
+    plain = grads(False)
+    for a, b in zip(measured, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import vmap
 
 from metalearn.algorithms.functional_model import FunctionalModel, Params
-from metalearn.algorithms.losses import TaskLoss, accuracy
+from metalearn.algorithms.losses import TaskLoss, accuracy, flood_active, flooded_mean
 from metalearn.data.task_batch import TaskBatch
 
 
@@ -34,7 +34,9 @@ class MetaLearner(nn.Module):
 
     * :meth:`step` accumulates the meta-gradient of a :class:`~metalearn.data.TaskBatch`
       into the ``.grad`` of :meth:`meta_parameters` (as ``backward()`` would) and returns
-      the metrics; an outer optimiser then steps.
+      the metrics; an outer optimiser then steps. With flooding, the learners that use
+      the shared :meth:`meta_loss` (MAML, FOMAML, Meta-SGD, ANIL) add how often the flood
+      acted (see :meth:`step`).
     * :meth:`meta_loss` (the learners with a differentiable outer objective): the objective
       with its graph, and the per-task query metric.
     * :meth:`adapt` and :meth:`predict`: adapted weights for new tasks, and outputs under
@@ -76,6 +78,8 @@ class MetaLearner(nn.Module):
         # Random source of inner-loop draws (Reptile's mini-batches); None: torch's global.
         self.generator: torch.Generator | None = None
         self._num_outputs: int | None = None
+        # Flood statistics of the last meta_loss, for step() to report (tensors, per batch).
+        self._flood_stats: dict[str, torch.Tensor] = {}
 
     # -- losses -------------------------------------------------------------------------
     def support_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor,
@@ -100,9 +104,49 @@ class MetaLearner(nn.Module):
         raise NotImplementedError
 
     def _task_meta_loss(self, params: Params, sx: torch.Tensor, sy: torch.Tensor,
-                        qx: torch.Tensor, qy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fast = self.adapt_task(params, sx, sy, self.inner_steps, self.first_order)
-        return self.query_loss(fast, qx, qy)
+                        qx: torch.Tensor, qy: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        stats = {}
+        if self.loss.inner_flood is not None and self.inner_steps > 0:
+            fast, path = self.adapt_task(params, sx, sy, self.inner_steps, self.first_order,
+                                         trajectory=True)
+            # The weights each inner gradient was taken at: theta, then after steps 1..K-1.
+            stats["inner_flood_active"] = self._inner_flood_active([params, *path[:-1]],
+                                                                   sx, sy)
+        else:
+            fast = self.adapt_task(params, sx, sy, self.inner_steps, self.first_order)
+        loss, metric, outer = self._query_terms(fast, qx, qy)
+        return loss, metric, {**stats, **outer}
+
+    def _query_terms(self, params: Params, x: torch.Tensor, y: torch.Tensor, order: int = 1
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`query_loss`, and with an outer flood the query loss before flooding
+        (``query_loss``) and its activity (``outer_flood_active``, see
+        :func:`~metalearn.algorithms.losses.flood_active`)."""
+        level = self.loss.outer_flood
+        if level is None:
+            return (*self.query_loss(params, x, y, order), {})
+        out = self.fmodel(params, x, order)
+        losses = self.loss.per_example(out, y)
+        loss = flooded_mean(losses, level, self.loss.flood_mode)
+        metric = accuracy(out, y) if not y.dtype.is_floating_point else loss.detach()
+        return loss, metric, {"query_loss": losses.detach().mean(),
+                              "outer_flood_active": flood_active(losses, level,
+                                                                 self.loss.flood_mode)}
+
+    def _inner_flood_active(self, points: list[Params], x: torch.Tensor, y: torch.Tensor
+                            ) -> torch.Tensor:
+        """The inner flood's activity over the inner steps of one task: the mean of
+        :func:`~metalearn.algorithms.losses.flood_active` of the support losses at the
+        weights each step's gradient was taken at. One more forward of the support set per
+        step, without gradient, its random draws (dropout) undone so training is unchanged."""
+        level, mode = self.loss.inner_flood, self.loss.flood_mode
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            active = [flood_active(self.loss.per_example(
+                self.fmodel({n: v.detach() for n, v in p.items()}, x, 0), y), level, mode)
+                for p in points]
+        return torch.stack(active).mean()
 
     def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The outer objective with its autograd graph, and the per-task query metric.
@@ -112,10 +156,11 @@ class MetaLearner(nn.Module):
         measures the graph it keeps.
         """
         self._check_batch(batch)
-        losses, metric = vmap(self._task_meta_loss, in_dims=(None, 0, 0, 0, 0),
-                              randomness="different")(
+        losses, metric, stats = vmap(self._task_meta_loss, in_dims=(None, 0, 0, 0, 0),
+                                     randomness="different")(
             self.fmodel.params(), batch.support_x, batch.support_y, batch.query_x,
             batch.query_y)
+        self._flood_stats = {k: v.mean() for k, v in stats.items()}
         return losses.mean(), metric
 
     def forward(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,12 +172,24 @@ class MetaLearner(nn.Module):
         ``shard``: ``(offset, total)`` when ``batch`` is the slice ``offset…`` of a
         meta-batch of ``total`` tasks split across processes (learners with random inner
         draws make them for the whole meta-batch, so the run matches one process).
+
+        Metrics: ``loss`` (the outer objective, flooded if ``outer_flood`` is set) and, for
+        classification, ``accuracy`` of the queries. With flooding, also how often the
+        flood acted, averaged over the batch's tasks (see
+        :func:`~metalearn.algorithms.losses.flood_active`): ``outer_flood_active``, the
+        fraction of tasks whose query loss was below the level (``flood_mode="batch"``) or
+        of query examples (``"instance"``), with ``query_loss``, the query loss before
+        flooding; ``inner_flood_active``, the same for the support loss at every inner
+        step (the weights its gradient is taken at), over tasks and steps.
         """
+        self._flood_stats = {}
         loss, metric = self.meta_loss(batch)
         loss.backward()
         metrics = {"loss": loss.item()}
         if batch.is_classification:
             metrics["accuracy"] = metric.mean().item()
+        metrics.update({k: v.item() for k, v in self._flood_stats.items()})
+        self._flood_stats = {}
         return metrics
 
     @property

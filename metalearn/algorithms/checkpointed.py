@@ -23,7 +23,8 @@ BatchedGrad = Callable[[Params, torch.Tensor, torch.Tensor, bool], Params]
 
 
 def checkpointed_sgd_steps(batched_grad: BatchedGrad, params: Params, lr: float, steps: int,
-                           x: torch.Tensor, y: torch.Tensor) -> Params:
+                           x: torch.Tensor, y: torch.Tensor,
+                           path: list[Params] | None = None) -> Params:
     """``steps`` inner SGD steps of every task, ``fast - lr * grad``, keeping no activations.
 
     Args:
@@ -33,6 +34,7 @@ def checkpointed_sgd_steps(batched_grad: BatchedGrad, params: Params, lr: float,
         lr: the inner learning rate.
         steps: the inner steps.
         x, y: the support sets, ``[T, n, ...]``.
+        path: a list to append the weights after each step to, detached (``[T, ...]``).
 
     Returns:
         The adapted weights ``[T, ...]`` (theta itself when ``steps == 0``), differentiable
@@ -43,6 +45,8 @@ def checkpointed_sgd_steps(batched_grad: BatchedGrad, params: Params, lr: float,
     for k in range(steps):
         fast = _InnerStep.apply(batched_grad, lr, names, k == 0, x, y, *fast)
         fast = (fast,) if isinstance(fast, torch.Tensor) else fast
+        if path is not None:
+            path.append({n: f.detach() for n, f in zip(names, fast)})
     return dict(zip(names, fast))
 
 

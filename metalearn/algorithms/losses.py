@@ -53,6 +53,30 @@ def flooded_mean(losses: torch.Tensor, level: float | None, mode: str = "batch")
     raise ValueError(f"unknown flood_mode {mode!r}; choose one of {FLOOD_MODES}")
 
 
+def flood_active(losses: torch.Tensor, level: float | None, mode: str = "batch"
+                 ) -> torch.Tensor:
+    """How much of :func:`flooded_mean` at ``level`` is below the flood, where it turns the
+    gradient around: ``"batch"``, 1.0 if the mean loss is below ``level`` else 0.0;
+    ``"instance"``, the fraction of examples whose loss is below it. 0.0 with no flood.
+    Strictly below: at the level itself the flooded gradient is 0, not reversed.
+
+    Example:
+        >>> import torch
+        >>> from metalearn.algorithms.losses import flood_active
+        >>> losses = torch.tensor([0.1, 0.5, 0.2, 0.9])   # mean 0.425
+        >>> float(flood_active(losses, 0.4, "batch")), float(flood_active(losses, 0.4, "instance"))
+        (0.0, 0.5)
+    """
+    losses = losses.detach()
+    if level is None:
+        return losses.new_zeros(())
+    if mode == "batch":
+        return (losses.mean() < level).to(losses.dtype)
+    if mode == "instance":
+        return (losses < level).to(losses.dtype).mean()
+    raise ValueError(f"unknown flood_mode {mode!r}; choose one of {FLOOD_MODES}")
+
+
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Fraction of examples whose arg-max output equals the label."""
     return (outputs.argmax(-1) == targets).to(outputs.dtype).mean()

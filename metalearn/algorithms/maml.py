@@ -96,11 +96,19 @@ class MAML(MetaLearner):
             return super().meta_loss(batch)
         self._check_second_order()  # first_order may have been set since
         self._check_batch(batch)
-        fast = checkpointed_sgd_steps(self._batched_support_grad, self.fmodel.params(),
-                                      self.inner_lr, self.inner_steps, batch.support_x,
-                                      batch.support_y)
-        losses, metric = vmap(self.query_loss, in_dims=(0 if self.inner_steps else None, 0, 0),
-                              randomness="different")(fast, batch.query_x, batch.query_y)
+        params, path = self.fmodel.params(), []
+        fast = checkpointed_sgd_steps(self._batched_support_grad, params, self.inner_lr,
+                                      self.inner_steps, batch.support_x, batch.support_y, path)
+        inner = {}
+        if self.loss.inner_flood is not None and self.inner_steps > 0:
+            tasks = len(batch.support_x)
+            theta = {n: p.detach().expand(tasks, *p.shape) for n, p in params.items()}
+            inner["inner_flood_active"] = vmap(self._inner_flood_active, randomness="different")(
+                [theta, *path[:-1]], batch.support_x, batch.support_y).mean()
+        losses, metric, stats = vmap(self._query_terms,
+                                     in_dims=(0 if self.inner_steps else None, 0, 0),
+                                     randomness="different")(fast, batch.query_x, batch.query_y)
+        self._flood_stats = {**inner, **{k: v.mean() for k, v in stats.items()}}
         return losses.mean(), metric
 
     def _check_second_order(self) -> None:

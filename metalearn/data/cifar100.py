@@ -217,9 +217,10 @@ class _CIFARTasks(BenchmarkTasks):
     _per_class = PER_CLASS
 
     def __init__(self, root, split, ways, shots, queries, seed, download, *, transform,
-                 class_augment, progress, url) -> None:
+                 class_augment, progress, url, subset=None) -> None:
         super().__init__(root, split, ways, shots, queries, seed, download, transform=transform,
-                         class_augment=class_augment, progress=progress, url=url)
+                         class_augment=class_augment, progress=progress, url=url,
+                         subset=subset)
 
     def _load(self, root, split, download, progress, url):
         return load_cifar100(root, download, url, progress)
@@ -254,6 +255,9 @@ class CIFARFSTasks(_CIFARTasks):
         class_augment: see :class:`~metalearn.data.FewShotTasks`.
         progress: show a progress bar while downloading.
         url: the archive's address for the download; else ``$METALEARN_CIFAR100_URL``.
+        subset: draw tasks from only this many of the split's classes, a fixed subset
+            (:func:`~metalearn.data.few_shot.class_subset`, whatever ``seed`` is);
+            ``None``: all of them.
 
     Example:
         >>> from metalearn.data import CIFARFSTasks
@@ -280,9 +284,11 @@ class CIFARFSTasks(_CIFARTasks):
         class_augment: ClassAugment | None = None,
         progress: bool = True,
         url: str | None = None,
+        subset: int | None = None,
     ) -> None:
         super().__init__(root, split, ways, shots, queries, seed, download, transform=transform,
-                         class_augment=class_augment, progress=progress, url=url)
+                         class_augment=class_augment, progress=progress, url=url,
+                         subset=subset)
 
 
 class FC100Tasks(_CIFARTasks):
@@ -305,6 +311,9 @@ class FC100Tasks(_CIFARTasks):
         class_augment: see :class:`~metalearn.data.FewShotTasks`.
         progress: show a progress bar while downloading.
         url: the archive's address for the download; else ``$METALEARN_CIFAR100_URL``.
+        subset: draw tasks from only this many of the split's classes, a fixed subset
+            (:func:`~metalearn.data.few_shot.class_subset`, whatever ``seed`` is);
+            ``None``: all of them.
 
     Example:
         >>> from metalearn.data import FC100Tasks
@@ -331,6 +340,8 @@ class FC100Tasks(_CIFARTasks):
         class_augment: ClassAugment | None = None,
         progress: bool = True,
         url: str | None = None,
+        subset: int | None = None,
     ) -> None:
         super().__init__(root, split, ways, shots, queries, seed, download, transform=transform,
-                         class_augment=class_augment, progress=progress, url=url)
+                         class_augment=class_augment, progress=progress, url=url,
+                         subset=subset)

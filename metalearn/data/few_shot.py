@@ -72,6 +72,36 @@ class ClassAugment:
         check_positive_int("variants", self.variants)
 
 
+# Seed of the fixed permutation that picks a subset of a split's classes (class_subset). It
+# is not the run's seed: every run and every seed given the same count gets the same classes.
+SUBSET_SEED = 0
+
+
+def class_subset(classes: torch.Tensor, n: int, ways: int, seed: int = SUBSET_SEED,
+                 what: str = "subset") -> torch.Tensor:
+    """``n`` of ``classes``: the first ``n`` of ``torch.randperm(len(classes))`` drawn from a
+    generator seeded with ``seed`` (:data:`SUBSET_SEED`), kept in the order of ``classes``.
+
+    The subset depends on the classes and ``n`` only, never on a run's seed; and a smaller
+    ``n`` picks a subset of a larger one's (the same permutation's first entries), so runs
+    at 50, 100 and 200 classes are nested. ``what`` names the argument in errors.
+
+    Example:
+        >>> import torch
+        >>> from metalearn.data.few_shot import class_subset
+        >>> small = class_subset(torch.arange(10), 3, ways=2)
+        >>> set(small.tolist()) <= set(class_subset(torch.arange(10), 6, ways=2).tolist())
+        True
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{what} must be an integer number of classes, got {n!r}")
+    if n < ways or n > len(classes):
+        raise ValueError(f"{what}={n} must be >= ways={ways} (a task needs {ways} distinct "
+                         f"classes) and <= {len(classes)}, the classes of the split")
+    perm = torch.randperm(len(classes), generator=torch.Generator().manual_seed(seed))
+    return classes[perm[:n].sort().values]
+
+
 def _rot90(images: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(images, k, dims=(-2, -1)) if k else images
 

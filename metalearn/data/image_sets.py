@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from metalearn.checkpoint import atomic_write
 from metalearn.data.array_cache import CacheWarning, load_array, save_array_chunks
-from metalearn.data.few_shot import FewShotTasks
+from metalearn.data.few_shot import FewShotTasks, class_subset
 from metalearn.data.validation import check_positive_int
 
 SPLITS = ("train", "val", "test")
@@ -375,12 +375,14 @@ class BenchmarkTasks(FewShotTasks):
     _splits: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, root, split, ways, shots, queries, seed, download, *, transform,
-                 class_augment, progress, **source) -> None:
+                 class_augment, progress, subset=None, **source) -> None:
         check_positive_int("ways", ways)
         check_positive_int("shots", shots)
         check_positive_int("queries", queries)
         check_split(split)
         names = self._splits[split]
+        if subset is not None:  # checked before any file is touched, as the rest
+            class_subset(torch.arange(len(names)), subset, ways)
         if ways > len(names):
             raise ValueError(f"ways={ways} but the {self._title} {split!r} split has only "
                              f"{len(names)} classes; use ways <= {len(names)}")
@@ -391,6 +393,8 @@ class BenchmarkTasks(FewShotTasks):
         self.split, self.root = split, root
         images, labels = self._load(root, split, download, progress, **source)
         classes = self._classes(split, labels)
+        if subset is not None:
+            classes = class_subset(classes, subset, ways)
         super().__init__(images, labels, ways, shots, queries, seed, classes=classes,
                          transform=transform, class_augment=class_augment)
 

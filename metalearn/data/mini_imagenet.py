@@ -207,6 +207,9 @@ class MiniImageNetTasks(BenchmarkTasks):
         transform: see :class:`~metalearn.data.FewShotTasks`.
         class_augment: see :class:`~metalearn.data.FewShotTasks`.
         progress: unused (decoding shows no bar); for a signature like the others'.
+        subset: draw tasks from only this many of the split's classes, a fixed subset
+            (:func:`~metalearn.data.few_shot.class_subset`, whatever ``seed`` is);
+            ``None``: all of them.
 
     Example:
         >>> from metalearn.data import MiniImageNetTasks
@@ -233,9 +236,10 @@ class MiniImageNetTasks(BenchmarkTasks):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         class_augment: ClassAugment | None = None,
         progress: bool = True,
+        subset: int | None = None,
     ) -> None:
         super().__init__(root, split, ways, shots, queries, seed, download, transform=transform,
-                         class_augment=class_augment, progress=progress)
+                         class_augment=class_augment, progress=progress, subset=subset)
 
     def _load(self, root, split, download, progress):
         return load_split(root, split)

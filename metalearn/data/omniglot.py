@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from metalearn.data.few_shot import FewShotTasks, rotations90
+from metalearn.data.few_shot import FewShotTasks, class_subset, rotations90
 from metalearn.data.omniglot_archive import (
     DRAWINGS,
     IMAGE_SIZE,
@@ -78,6 +78,10 @@ class OmniglotTasks(FewShotTasks):
         split_scheme: ``"random"`` (1100/100/423) or ``"lake"`` (background/evaluation).
         url: base URL for the download; else ``$METALEARN_OMNIGLOT_URL``.
         progress: show progress bars while downloading or decoding.
+        subset: draw tasks from only this many of the split's characters, a fixed subset
+            (:func:`~metalearn.data.few_shot.class_subset`: the same characters whatever
+            ``seed`` is, and nested across sizes); ``None``: all of them. The rotations
+            still make 4 classes of each.
 
     Example:
         >>> from metalearn.data import OmniglotTasks
@@ -103,6 +107,7 @@ class OmniglotTasks(FewShotTasks):
         split_scheme: str = "random",
         url: str | None = None,
         progress: bool = True,
+        subset: int | None = None,
     ) -> None:
         # Every argument is checked before any file is touched.
         check_positive_int("ways", ways)
@@ -119,6 +124,8 @@ class OmniglotTasks(FewShotTasks):
                 f"ways={ways} but the {split!r} split of split_scheme={split_scheme!r} has only "
                 f"{len(classes)} classes; use ways <= {len(classes)}"
             )
+        if subset is not None:
+            classes = class_subset(classes, subset, ways)
         self.split, self.split_scheme, self.rotate = split, split_scheme, bool(rotate)
         images = load_images(root, download=download, url=url, progress=progress)
         # Drawing d of character c is example c * 20 + d, its label c.

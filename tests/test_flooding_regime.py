@@ -1,0 +1,133 @@
+"""benchmarks/flooding_regime.py: its statistics and selection against hand computations, the
+reading of training logs, and a resumable smoke run of the whole study on a tiny budget."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import flooding_regime as fr
+
+
+def test_paired_difference_and_its_t_interval_by_hand():
+    a = {0: 0.80, 1: 0.83, 2: 0.78, 5: 0.5}  # seed 5 has no partner: left out
+    b = {0: 0.79, 1: 0.80, 2: 0.79}
+    d = fr.paired(a, b)
+    # differences 0.01, 0.03, -0.01: mean 0.01, sample std sqrt((0 + 0.0004 + 0.0004) / 2)
+    assert d["seeds"] == [0, 1, 2] and d["n"] == 3
+    assert d["mean"] == pytest.approx(0.01)
+    assert d["std"] == pytest.approx(0.02)
+    assert d["ci95"] == pytest.approx(4.303 * 0.02 / math.sqrt(3))
+    assert (d["low"], d["high"]) == pytest.approx((0.01 - d["ci95"], 0.01 + d["ci95"]))
+    assert fr.paired({0: 1.0}, {0: 0.5})["ci95"] is None  # one seed: no interval
+    assert fr.mean_ci([])["mean"] is None
+
+
+@pytest.mark.parametrize("df, exact", [(1, 12.706), (3, 3.182), (11, 2.201), (20, 2.086),
+                                       (30, 2.042), (100, 1.984)])
+def test_t_quantiles(df, exact):
+    assert fr.t95(df) == pytest.approx(exact, abs=0.003)
+
+
+def test_selection_takes_the_best_mean_over_common_seeds_and_the_smaller_level_on_ties():
+    by_level = {0.0: {0: 0.5, 1: 0.6}, 0.1: {0: 0.6, 1: 0.6, 2: 0.0}, 0.2: {0: 0.6, 1: 0.6}}
+    assert fr.select(by_level) == 0.1  # 0.6 = 0.6 > the others; seed 2 is not common
+    assert fr.select({0.0: {0: 0.5}, 1.0: {0: 0.9}}) == 1.0
+    with pytest.raises(ValueError, match="no seed"):
+        fr.select({0.0: {0: 0.5}, 1.0: {1: 0.9}})
+
+
+def _log():
+    """Training records every 10 iterations, validations every 20; the third window's
+    records carry a flooded run's query_loss (the loss before flooding)."""
+    records = []
+    for it, loss, acc in ((10, 2.0, 0.3), (20, 1.0, 0.5), (30, 0.8, 0.6), (40, 0.4, 0.8),
+                          (50, 0.2, 0.9), (60, 0.1, 1.0)):
+        records.append({"iteration": it, "split": "train", "loss": loss, "accuracy": acc})
+        if it % 20 == 0:
+            val = {20: 0.50, 40: 0.60, 60: 0.55}[it]
+            records.append({"iteration": it, "split": "val", "accuracy": val, "ci95": 0.01})
+    records[3]["query_loss"] = 0.7  # (30, ...): flooded loss 0.8, before flooding 0.7
+    return records
+
+
+def test_curves_average_the_training_records_between_validations():
+    points = fr.curves(_log())
+    assert [p["iteration"] for p in points] == [20, 40, 60]
+    assert points[0]["train_loss"] == pytest.approx(1.5)
+    assert points[1]["train_loss"] == pytest.approx((0.7 + 0.4) / 2)  # query_loss preferred
+    assert points[2]["train_accuracy"] == pytest.approx(0.95)
+    assert fr.tail_mean(_log(), fr.train_loss, fraction=0.34) == pytest.approx(0.15)
+    o = fr.overfitting(points, min_drop=0.02)
+    assert o["peak_iteration"] == 40 and o["drop"] == pytest.approx(0.6 - 0.55)
+    assert o["overfits"] is True  # the loss keeps falling while validation falls
+    assert fr.overfitting(points, min_drop=0.1)["overfits"] is False
+
+
+def test_the_class_count_is_the_one_with_the_largest_drop_where_all_overfit():
+    def row(algo, classes, drop, overfits=True):
+        return {"algorithm": algo, "classes": classes,
+                "overfitting": {"drop": drop, "overfits": overfits}}
+
+    rows = [row("maml", 50, 0.10), row("fomaml", 50, 0.02), row("maml", 100, 0.05),
+            row("fomaml", 100, 0.05), row("maml", 200, 0.2), row("fomaml", 200, 0.2, False)]
+    assert fr.choose_classes(rows, ["maml", "fomaml"]) == 50  # 0.06 > 0.05; 200 fails one
+    assert fr.choose_classes(rows[:1], ["maml", "fomaml"]) is None
+
+
+def test_method_summary_selects_on_validation_and_pairs_with_b0_and_early_stopping():
+    def row(seed, level, val, test):
+        return {"seed": seed, "level": level, "val_final": val, "val_best": val,
+                "test_final": test, "test_best": test}
+
+    base = {s: row(s, 0.0, 0.70, t) for s, t in enumerate((0.70, 0.72, 0.74))}
+    early = {s: row(s, 5, 0.75, t) for s, t in enumerate((0.71, 0.74, 0.75))}
+    rows = [row(s, 0.5, 0.80, base[s]["test_final"] + d) for s, d in enumerate((0.02, 0.03,
+                                                                                 0.04))]
+    rows += [row(s, 1.0, 0.60, 0.1) for s in range(3)]
+    rows += [{"seed": 0, "level": 2.0, "diverged": "loss went nan"}]
+    m = fr.method_summary(rows, base, early, "outer")
+    assert m["final"]["selected_level"] == 0.5 and m["diverged"] == 1
+    assert m["complete_levels"] == [0.0, 0.5, 1.0]  # 2.0 has no finished seed
+    d = m["final"]["diff_vs_b0"]
+    assert d["mean"] == pytest.approx(0.03) and d["ci95"] == pytest.approx(4.303 * 0.01 /
+                                                                          math.sqrt(3))
+    e = m["final"]["diff_vs_early_stopping"]  # 0.72-0.71, 0.75-0.74, 0.78-0.75
+    assert e["mean"] == pytest.approx((0.01 + 0.01 + 0.03) / 3)
+
+
+def test_run_names_have_no_dots_and_differ_with_the_config():
+    args = fr.parse_args(["sweep", "--quick"])
+    a = fr.spec(args, "maml", 50, 0, "outer", 0.25)
+    b = fr.spec(args, "maml", 50, 0, "outer", 0.5)
+    assert "." not in a["name"] and a["name"] != b["name"]
+    assert a["config"].outer_flood == 0.25 and a["config"].train_classes == 50
+    assert fr.spec(args, "maml", 50, 0)["name"] == fr.spec(args, "maml", 50, 0)["name"]
+    iflood = fr.spec(args, "fomaml", 50, 1, "iflood", 0.1)["config"]
+    assert (iflood.inner_flood, iflood.flood_mode) == (0.1, "instance")
+    assert fr.spec(args, "maml", 50, 0, "early_stopping", 3)["config"].patience == 3
+
+
+def test_a_tiny_study_runs_end_to_end_and_skips_finished_runs(omniglot_images, tmp_path,
+                                                              capsys):
+    argv = ["all", "--quick", "--algorithms", "fomaml", "--classes", "10", "--floods", "outer",
+            "--regularisers", "early_stopping", "--multipliers", "1", "--iterations", "2",
+            "--val-every", "1", "--test-tasks", "4", "--runs", str(tmp_path),
+            "--out-dir", str(tmp_path), "--no-malloc-reuse"]
+    fr.main(argv)
+    first = capsys.readouterr().out
+    result = json.loads((tmp_path / "flooding_regime.json").read_text())
+    entry = result["algorithms"]["fomaml"]
+    assert result["train_classes"] == 10 and len(entry["base"]) == 2
+    outer = entry["methods"]["outer"]
+    assert outer["levels"][0] == 0.0 and len(outer["levels"]) == 2
+    assert outer["per_level"][1]["active_mean"]["n"] == 2  # the activity of the flooded runs
+    assert entry["early_stopping_vs_b0_final"]["n"] == 2
+    assert (tmp_path / "flooding_regime.png").is_file()
+    assert (tmp_path / "flooding_regime_pilot.png").is_file()
+    assert "starting" in first
+    fr.main(argv)  # again: every run is finished, nothing is trained
+    again = capsys.readouterr().out
+    assert "starting" not in again and "finished earlier" in again
