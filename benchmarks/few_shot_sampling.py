@@ -111,8 +111,12 @@ def check(batch: TaskBatch, b: int, shape: tuple[int, ...]) -> None:
 
 def rates(candidates: dict, repeats: int, calls: int) -> dict:
     """Episodes/s of each ``name: (sample_fn, batch)``, medians of interleaved rounds."""
-    fns = {name: (lambda f=f, b=b: [f(b) for _ in range(calls)])
-           for name, (f, b) in candidates.items()}
+    def repeat(f, b: int) -> None:
+        for _ in range(calls):
+            f(b)  # dropped at once, as a training loop does: holding all the batches of a
+            # round would make every call fill fresh pages and time the page faults
+
+    fns = {name: (lambda f=f, b=b: repeat(f, b)) for name, (f, b) in candidates.items()}
     medians = interleaved_medians(fns, repeats=repeats, warmup=1)
     return {name: {"meta_batch": b, "calls_per_round": calls, "median_s": medians[name],
                    "episodes_per_s": b * calls / medians[name]}
