@@ -15,9 +15,11 @@ runs its own ``ResNet12`` with DropBlock off, loaded with metalearn's initial we
 the same batch, with ``l2l.algorithms.MAML`` and a loop over tasks. Its ``AvgPool2d(5)``
 is replaced by a global average (the same at 84x84, where the last map is 5x5; needed
 for ``--quick``'s small images), and its BatchNorm layers use batch statistics only, as
-metalearn's do. Before anything is timed, the two meta-gradients are compared
-(``grad_parity_max_rel``: the largest difference relative to the largest entry); the
-script stops if it is above 1e-3. Then the two take turns, round by round, and the
+metalearn's do. Before anything is timed, the two meta-gradients are compared in float64
+on one task (``grad_parity_max_rel_float64``: the largest difference relative to the largest
+entry; the script stops above 1e-9), and their float32 difference on the timed batch is
+recorded (``grad_difference_max_rel_float32``: float32 rounding, several percent for this
+network, see ``float64_parity``). Then the two take turns, round by round, and the
 medians over ``--repeats`` rounds after one warm-up are reported.
 
 Run on an idle machine. Writes benchmarks/results/resnet12_speed.json (``--out``), with
@@ -99,6 +101,21 @@ def max_rel(ours: nn.Module, theirs: nn.Module) -> float:
         g.abs().max().item() for g in b.values())
 
 
+def float64_parity(ours: ResNet12, steps: int, size: int, device: str) -> float:
+    """The two meta-gradients' :func:`max_rel` in float64, on one task with one query per
+    class: the check that the two compute the same thing. In float32 the second-order
+    meta-gradient of ResNet-12 is rounded by several percent of its largest entry in both
+    libraries (against float64: 7.1% for ours, 3.7% for learn2learn's in one trial), so a
+    float32 difference says nothing about a defect."""
+    ours64 = copy.deepcopy(ours).double()
+    theirs64 = l2l_resnet12(copy.deepcopy(ours64)).double()
+    task = synthetic_batch(1, 1, size, device).to(device, dtype=torch.float64)
+    ours64.zero_grad(set_to_none=True)
+    MAML(ours64, INNER_LR, steps).step(task)
+    l2l_step(theirs64, task, steps)
+    return max_rel(ours64, theirs64)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="1,5", help="inner-step counts, comma-separated")
@@ -131,14 +148,15 @@ def main() -> None:
             learner.step(batch)
 
         fns = {"metalearn": run_ours}
-        parity = None
+        parity = parity32 = None
         if l2l is not None:
+            parity = float64_parity(ours, steps, args.image_size, args.device)
+            if parity > 1e-9:
+                raise SystemExit(f"parity failed for MAML k={steps}: {parity:.2e} in float64")
             theirs = l2l_resnet12(copy.deepcopy(ours))
             run_ours()
             l2l_step(theirs, batch, steps)
-            parity = max_rel(ours, theirs)
-            if parity > 1e-3:
-                raise SystemExit(f"parity failed for MAML k={steps}: {parity:.2e}")
+            parity32 = max_rel(ours, theirs)  # float32 rounding: a record, not a test
             fns["learn2learn"] = lambda theirs=theirs, steps=steps: l2l_step(theirs, batch,
                                                                               steps)
         medians = interleaved_medians(fns, args.repeats)
@@ -147,10 +165,12 @@ def main() -> None:
                "learn2learn_seconds": medians.get("learn2learn"),
                "speedup": (medians["learn2learn"] / medians["metalearn"]
                            if "learn2learn" in medians else None),
-               "grad_parity_max_rel": parity}
+               "grad_parity_max_rel_float64": parity,
+               "grad_difference_max_rel_float32": parity32}
         rows.append(row)
         theirs_text = (f"learn2learn {row['learn2learn_seconds']:.3f}s  x{row['speedup']:.2f}  "
-                       f"parity {parity:.1e}" if parity is not None else
+                       f"parity {parity:.1e} (float64), {parity32:.1e} (float32)"
+                       if parity is not None else
                        "learn2learn not installed")
         print(f"MAML k={steps}  metalearn {row['metalearn_seconds']:.3f}s  {theirs_text}",
               flush=True)
