@@ -104,9 +104,8 @@ def max_rel(ours: nn.Module, theirs: nn.Module) -> float:
 def float64_parity(ours: ResNet12, steps: int, size: int, device: str) -> float:
     """The two meta-gradients' :func:`max_rel` in float64, on one task with one query per
     class: the check that the two compute the same thing. In float32 the second-order
-    meta-gradient of ResNet-12 is rounded by several percent of its largest entry in both
-    libraries (against float64: 7.1% for ours, 3.7% for learn2learn's in one trial), so a
-    float32 difference says nothing about a defect."""
+    meta-gradient of ResNet-12 is rounded by percents of its largest entry, so a float32
+    difference says nothing about a defect."""
     ours64 = copy.deepcopy(ours).double()
     theirs64 = l2l_resnet12(copy.deepcopy(ours64)).double()
     task = synthetic_batch(1, 1, size, device).to(device, dtype=torch.float64)
