@@ -16,14 +16,21 @@ from metalearn.allocator import reusing_freed_memory
 
 def run_header(argv: list[str] | None = None) -> dict:
     """Where a result came from: command, commit, machine and versions."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True,
+                                  cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD") or None
+    # Tracked files changed since that commit: the result is not the commit's alone.
+    changed = None if commit is None else bool(git("status", "--porcelain",
+                                                   "--untracked-files=no"))
     return {
         "command": " ".join(["metalearn", *(argv if argv is not None else sys.argv[1:])]),
         "commit": commit,
+        "uncommitted_changes": changed,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -227,3 +227,24 @@ def test_temp_files_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
     resumed = train(progress=False, checkpoint=path, resume=True, **{**FAST, "iterations": 30})
     assert resumed.iteration == 30
     assert listing(tmp_path) == ["a.best.pt", "a.jsonl", "a.pt"]
+
+
+def test_a_result_header_says_when_the_code_differs_from_its_commit(tmp_path, monkeypatch):
+    # A copy of run_record.py in a repository of its own: committed, then edited.
+    import shutil
+
+    from metalearn import run_record
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy = repo / "run_record.py"
+    shutil.copy(run_record.__file__, copy)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    monkeypatch.setattr(run_record, "__file__", str(copy))
+    clean = run_record.run_header([])
+    assert clean["commit"] and clean["uncommitted_changes"] is False
+    copy.write_text(copy.read_text() + "\n# edited\n")
+    (repo / "untracked.txt").write_text("not part of the code")
+    assert run_record.run_header([])["uncommitted_changes"] is True

@@ -23,7 +23,7 @@ time oneDNN itself spends in one iteration of each library (``*_onednn_ms``: con
 and reorder primitives, from its verbose log), and ``conv_only_speedup``: learn2learn's
 time over the convolution FLOPs alone at the peak rate (no per-call cost, nothing else).
 Run on an idle machine. Writes benchmarks/results/speed_vs_l2l.json (or ``--out``); the
-header records GLIBC_TUNABLES and thread variables if set (benchmarks/malloc_tunables.py).
+header records GLIBC_TUNABLES and thread variables if set (benchmarks/studies/malloc_tunables.py).
 """
 
 from __future__ import annotations

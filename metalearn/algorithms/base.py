@@ -12,6 +12,7 @@ from torch.func import vmap
 from metalearn.algorithms.functional_model import FunctionalModel, Params
 from metalearn.algorithms.losses import TaskLoss, accuracy, flood_active, flooded_mean
 from metalearn.data.task_batch import TaskBatch
+from metalearn.kernels import compiled
 
 
 def check_lr(name: str, value: float) -> float:
@@ -214,6 +215,14 @@ class MetaLearner(nn.Module):
     # -- adaptation ---------------------------------------------------------------------
     def _adapt_batch(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
                      steps: int, trajectory: bool):
+        if torch.is_grad_enabled():  # a compiled region keeps no graph
+            return self._adapt_region(params, support_x, support_y, steps, trajectory)
+        return compiled.run(self, self.model, "adapt", self._adapt_region,
+                            {n: p.detach() for n, p in params.items()}, support_x, support_y,
+                            steps, trajectory)
+
+    def _adapt_region(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
+                      steps: int, trajectory: bool):
         def task(sx: torch.Tensor, sy: torch.Tensor):
             return self.adapt_task(params, sx, sy, steps, True, trajectory)
 

@@ -7,6 +7,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metalearn.kernels import layers_for
+from metalearn.kernels.settings import in_traced_region
 
 Params = dict[str, torch.Tensor]
 
@@ -48,8 +49,11 @@ class FunctionalModel:
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
     def __call__(self, params: Params, x: torch.Tensor, order: int = 2) -> torch.Tensor:
-        with layers_for(self.module, order):
+        if in_traced_region():  # a compiled region entered the kernels' contexts already
             out = functional_call(self.module, params, (x,), strict=False)
+        else:
+            with layers_for(self.module, order):
+                out = functional_call(self.module, params, (x,), strict=False)
         if not isinstance(out, torch.Tensor):
             raise TypeError(
                 f"the model returned a {type(out).__name__}, but the learners need its forward "

@@ -25,6 +25,7 @@ from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.inner_loop import inner_loop
 from metalearn.algorithms.reptile import Reptile
 from metalearn.data.task_batch import TaskBatch
+from metalearn.kernels import compiled
 
 TAILS = ("shared", "separate")
 
@@ -193,11 +194,19 @@ class GradientCombination(Reptile):
         support_steps = self.inner_steps - (self.tail == "separate")
         idx = (self._minibatches(len(batch), batch.num_support, support_steps, shard,
                                  batch.support_x.device) if support_steps > 0 else None)
+        params = {n: p.detach() for n, p in self.fmodel.params().items()}
         with torch.no_grad():
-            return vmap(self._task_direction, in_dims=(None, 0, 0, 0, 0, 0 if idx is not None
-                                                       else None), randomness="different")(
-                self.fmodel.params(), batch.support_x, batch.support_y, batch.query_x,
-                batch.query_y, idx)
+            return compiled.run(self, self.model, "directions", self._directions_region, params,
+                                batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+                                idx)
+
+    def _directions_region(self, params: Params, support_x: torch.Tensor,
+                           support_y: torch.Tensor, query_x: torch.Tensor,
+                           query_y: torch.Tensor, idx: torch.Tensor | None
+                           ) -> tuple[Params, Params]:
+        return vmap(self._task_direction, in_dims=(None, 0, 0, 0, 0, 0 if idx is not None
+                                                   else None), randomness="different")(
+            params, support_x, support_y, query_x, query_y, idx)
 
     def step(self, batch: TaskBatch, shard: tuple[int, int] | None = None) -> dict[str, float]:
         """Accumulate ``mean_tasks sum_{i in use} g_i`` into ``p.grad``; return query metrics."""

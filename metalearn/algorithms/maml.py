@@ -14,6 +14,8 @@ from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.inner_loop import inner_loop, sgd
 from metalearn.algorithms.losses import TaskLoss
 from metalearn.data.task_batch import TaskBatch
+from metalearn.kernels import compiled
+from metalearn.kernels.settings import current_settings
 
 
 class MAML(MetaLearner):
@@ -110,6 +112,43 @@ class MAML(MetaLearner):
                                      randomness="different")(fast, batch.query_x, batch.query_y)
         self._flood_stats = {**inner, **{k: v.mean() for k, v in stats.items()}}
         return losses.mean(), metric
+
+    def step(self, batch: TaskBatch, shard: tuple[int, int] | None = None) -> dict[str, float]:
+        if not (self.first_order and current_settings().compile and torch.is_grad_enabled()
+                and self.loss.inner_flood is None and not self.memory_saving):
+            return super().step(batch, shard)
+        # First order, the meta-gradient is each task's query gradient at its adapted
+        # weights (the inner steps are constants): no graph, so one compiled region.
+        self._check_batch(batch)
+        params = self.fmodel.params()
+        with torch.no_grad():
+            grads, losses, metric, stats = compiled.run(
+                self, self.model, "first_order_step", self._first_order_region,
+                {n: p.detach() for n, p in params.items()}, batch.support_x, batch.support_y,
+                batch.query_x, batch.query_y, self.inner_steps)
+        self._accumulate(grads)
+        metrics = {"loss": losses.mean().item()}
+        if batch.is_classification:
+            metrics["accuracy"] = metric.mean().item()
+        metrics.update({k: v.mean().item() for k, v in stats.items()})
+        return metrics
+
+    def _first_order_region(self, params: Params, support_x: torch.Tensor,
+                            support_y: torch.Tensor, query_x: torch.Tensor,
+                            query_y: torch.Tensor, steps: int):
+        """Per-task first-order meta-gradients (their mean over tasks), query losses,
+        metrics and outer-flood statistics."""
+        def query(fast: Params, qx: torch.Tensor, qy: torch.Tensor):
+            loss, metric, stats = self._query_terms(fast, qx, qy, order=0)
+            return loss, (loss, metric, stats)
+
+        def task(sx, sy, qx, qy):
+            fast = self.adapt_task(params, sx, sy, steps, True)
+            return grad(query, has_aux=True)(fast, qx, qy)
+
+        grads, (losses, metric, stats) = vmap(task, randomness="different")(
+            support_x, support_y, query_x, query_y)
+        return {n: g.mean(0) for n, g in grads.items()}, losses, metric, stats
 
     def _check_second_order(self) -> None:
         if self.first_order:

@@ -14,6 +14,7 @@ from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.inner_loop import Update, adam, inner_loop, sgd
 from metalearn.algorithms.losses import TaskLoss, accuracy
 from metalearn.data.task_batch import TaskBatch
+from metalearn.kernels import compiled
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 SAMPLINGS = ("cycle", "replacement")
@@ -160,7 +161,14 @@ class Reptile(MetaLearner):
                      steps: int, trajectory: bool, shard: tuple[int, int] | None = None):
         idx = self._minibatches(len(support_x), support_x.shape[1], steps, shard,
                                 support_x.device)
+        if torch.is_grad_enabled():  # a compiled region keeps no graph
+            return self._adapt_region(params, support_x, support_y, idx, steps, trajectory)
+        return compiled.run(self, self.model, "adapt", self._adapt_region,
+                            {n: p.detach() for n, p in params.items()}, support_x, support_y,
+                            idx, steps, trajectory)
 
+    def _adapt_region(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
+                      idx: torch.Tensor | None, steps: int, trajectory: bool):
         def task(sx: torch.Tensor, sy: torch.Tensor, batches: torch.Tensor | None):
             return self.adapt_task(params, sx, sy, steps, True, trajectory, batches)
 

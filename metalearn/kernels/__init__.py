@@ -29,7 +29,8 @@ but for a graph that is kept (order 1) vmap's own batch-norm rule saves a normal
 of the input, so the Functions serve there too. ``tests/test_norm_layers.py`` and
 ``tests/test_task_convolution.py`` check every path against a per-task loop over the
 native layers; :func:`kernel_settings` is the public switch for benchmarks that compare
-kernel choices.
+kernel choices, and for ``compile=True``: the regions of order 0 run through
+``torch.compile`` (:mod:`metalearn.kernels.compiled`), worth it for long runs.
 """
 
 from __future__ import annotations

@@ -18,19 +18,27 @@ class KernelSettings:
         tasks_as_groups: merge small per-task batches into one grouped convolution recorded
             as this package's Functions, whose double backward is one grouped convolution
             per term (``False``: leave them to vmap's own rule and torch's double backward,
-            which loops over the groups; ``benchmarks/grouped_double_backward.py`` times both).
+            which loops over the groups; ``benchmarks/studies/grouped_double_backward.py``
+            times both).
         per_task_min_batch: the per-task batch from which convolutions run task by task with
-            the native kernel on CPU (``benchmarks/task_convolution_crossover.py`` chose 32:
-            about even at 20 images, 1.8x faster at 40).
+            the native kernel on CPU (``benchmarks/studies/task_convolution_crossover.py``
+            chose 32: about even at 20 images, 1.8x faster at 40).
+        compile: run the regions differentiated at most once (first-order inner loops,
+            evaluation's adaptation) through ``torch.compile``
+            (:mod:`metalearn.kernels.compiled`).
     """
 
     tasks_as_groups: bool = True
     per_task_min_batch: int = 32
+    compile: bool = False
 
 
 _settings = KernelSettings()
 # True while a forward of order 0 runs: the native kernels serve it.
 _NATIVE: ContextVar[bool] = ContextVar("native_kernels", default=False)
+# True while a compiled region runs (metalearn.kernels.compiled): a plain global, which
+# dynamo reads as a constant, where it cannot trace a ContextVar.
+_TRACED = False
 
 
 def current_settings() -> KernelSettings:
@@ -67,7 +75,22 @@ def kernel_settings(**changes) -> Iterator[KernelSettings]:
 
 def native_kernels() -> bool:
     """Whether the forward running now is of order 0 (the native kernels serve it)."""
-    return _NATIVE.get()
+    return _TRACED or _NATIVE.get()
+
+
+def in_traced_region() -> bool:
+    """Whether a compiled region runs now, its kernel contexts already entered."""
+    return _TRACED
+
+
+@contextmanager
+def traced() -> Iterator[None]:
+    global _TRACED
+    before, _TRACED = _TRACED, True
+    try:
+        yield
+    finally:
+        _TRACED = before
 
 
 @contextmanager

@@ -5,7 +5,7 @@ as one grouped convolution with a cheap double backward for small ones.
 convolution. On CPU that wins for small per-task batches (MAML's 5-image support sets) and
 loses for large ones: with 75 query images per task, the forward and backward of 32 tasks'
 grouped convolutions take 2x as long as 32 plain ones on Conv4's layers
-(``benchmarks/task_convolution_crossover.py``). Here the convolution is a Function whose
+(``benchmarks/studies/task_convolution_crossover.py``). Here the convolution is a Function whose
 vmap rule loops over tasks with the native kernel when a task's batch has at least
 ``KernelSettings.per_task_min_batch`` examples (on CPU; elsewhere a loop pays one launch per
 task), so each level of autograd below it records native per-task convolution nodes. Below

@@ -1,6 +1,6 @@
 """What glibc's allocator settings do to a meta-iteration on CPU.
 
-    python benchmarks/malloc_tunables.py [--rounds 2] [--repeats 3]
+    python benchmarks/studies/malloc_tunables.py [--rounds 2] [--repeats 3]
 
 torch's CPU tensors come from ``malloc``; glibc serves blocks above its mmap threshold
 (at most 32 MB) with fresh ``mmap`` pages and unmaps them on free, so every large
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 TUNED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"

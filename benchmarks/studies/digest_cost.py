@@ -1,6 +1,6 @@
 """What the content digests of checkpoints and caches cost (docs/faults.md).
 
-    python benchmarks/digest_cost.py [--repeats 21]
+    python benchmarks/studies/digest_cost.py [--repeats 21]
 
 Checkpoints: a Conv4 5-way checkpoint with its Adam state (as ``metalearn train`` writes
 it), saved and loaded with the library (digest and finiteness check) against plain
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import header, interleaved_medians, write_json  # noqa: E402
 from metalearn.checkpoint import (  # noqa: E402

@@ -1,6 +1,6 @@
 """Three ways to compute BatchNorm with batch statistics under vmap, timed side by side.
 
-    python benchmarks/batchnorm_backward.py [--repeats 5] [--queries 1,15]
+    python benchmarks/studies/batchnorm_backward.py [--repeats 5] [--queries 1,15]
 
 All three give exact meta-gradients (see metalearn/kernels/norm_layers.py):
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import metalearn.kernels.norm_layers as norm_layers  # noqa: E402
 from benchmarks.common import (  # noqa: E402

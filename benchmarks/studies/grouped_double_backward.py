@@ -1,6 +1,6 @@
 """Small per-task batches: the library's grouped convolution Functions against vmap's rule.
 
-    python benchmarks/grouped_double_backward.py [--repeats 7]
+    python benchmarks/studies/grouped_double_backward.py [--repeats 7]
 
 Under ``vmap`` a convolution with per-task weights becomes one grouped convolution. torch's
 double backward of a grouped convolution computes its weight term group by group (one
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import (  # noqa: E402
     header,

@@ -1,6 +1,6 @@
 """Where the time of a meta-iteration goes, and what the directions of issue #8 buy.
 
-    python benchmarks/speed_directions.py [--repeats 3] [--no-compile]
+    python benchmarks/studies/speed_directions.py [--repeats 3] [--no-compile]
 
 Omniglot 5-way 1-shot, Conv4, meta-batch 32, at (a) 1 and (b) 15 queries per class, for
 MAML with 1 and 5 inner steps and FOMAML with 5. In one run, side by side on the same
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import (  # noqa: E402
     conv_peak_gflops,

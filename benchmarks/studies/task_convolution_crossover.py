@@ -1,6 +1,6 @@
 """From which per-task batch a convolution is faster task by task than grouped by ``vmap``.
 
-    python benchmarks/task_convolution_crossover.py [--repeats 7]
+    python benchmarks/studies/task_convolution_crossover.py [--repeats 7]
 
 Forward and backward of one convolution for 32 tasks with per-task weights, for Conv4's
 four layer shapes (3x3, stride 2, padding 1) and per-task batches of 5 to 75 images:
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import header, interleaved_medians, write_json  # noqa: E402
 from metalearn.kernels import current_settings  # noqa: E402

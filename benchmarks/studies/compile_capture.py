@@ -1,6 +1,6 @@
 """How much of a meta-iteration torch.compile captures: graphs, breaks and traced ops.
 
-    python benchmarks/compile_capture.py
+    python benchmarks/studies/compile_capture.py
 
 ``torch._dynamo.explain`` on ``meta_loss`` (MAML, FOMAML) or ``step`` (Reptile) for
 Omniglot 5-way 1-shot, 1 query per class, Conv4, meta-batch 32: the number of graphs, graph
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import (  # noqa: E402
     header,

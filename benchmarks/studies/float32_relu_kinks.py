@@ -1,6 +1,6 @@
 """Where float32 meta-gradients jump: ReLU pre-activations that round across zero.
 
-    python benchmarks/float32_relu_kinks.py [--seeds 30] [--cases maml-1 fomaml-5]
+    python benchmarks/studies/float32_relu_kinks.py [--seeds 30] [--cases maml-1 fomaml-5]
 
 Omniglot 5-way 1-shot, 1 query per class, Conv4, meta-batch 32, inner lr 0.4 (the
 learn2learn parity setup at (a)). For each seed, the float32 meta-gradient of metalearn's
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import header, write_json  # noqa: E402
 from metalearn import FOMAML, MAML  # noqa: E402
