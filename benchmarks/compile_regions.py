@@ -16,9 +16,6 @@ paths, from the same weights and mini-batches, and of each from the eager path i
 
 Workloads (Omniglot, Conv4 with 64 filters):
 
-* ``maml1_a``/``_b`` and ``maml5_a``/``_b``: benchmarks/peers/speed.py's second-order MAML,
-  5w1s, meta-batch 32, 1 or 5 inner SGD steps at 0.4, (a) 1 and (b) 15 queries per class;
-  only the query forward (and its backward) is compiled;
 * ``fomaml5_a``/``_b`` and ``reptile5_a``/``_b``: benchmarks/peers/speed.py's, 5w1s,
   meta-batch 32, 5 inner SGD steps at 0.4, (a) 1 and (b) 15 queries per class;
 * ``reptile_s6_k4``/``_k8``: the Reptile section 6 studies (benchmarks/reptile_ablations.py):
@@ -35,8 +32,8 @@ paths in float32 with GELU in place of the ReLUs (``exactness_fomaml5_a``): with
 gates that flip where a pre-activation lies within round-off of zero can separate the two
 paths' float32 results far more than their rounding (benchmarks/studies/float32_relu_kinks.py).
 
-MAML's support forward is never compiled: it is differentiated twice and stays on the exact
-Functions. Run on an idle machine; writes benchmarks/results/compile_regions.json.
+Second-order MAML is not compiled (its support forward must stay on the exact Functions),
+so it has no row. Run on an idle machine; writes benchmarks/results/compile_regions.json.
 """
 
 from __future__ import annotations
@@ -58,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import header, write_json  # noqa: E402
-from metalearn import FOMAML, MAML, GradientCombination, Reptile  # noqa: E402
+from metalearn import FOMAML, GradientCombination, Reptile  # noqa: E402
 from metalearn.data import OmniglotTasks, TaskBatch  # noqa: E402
 from metalearn.kernels import kernel_settings  # noqa: E402
 from metalearn.models import Conv4  # noqa: E402
@@ -82,14 +79,6 @@ def workloads() -> dict:
     s6 = TaskBatch(torch.cat([b.support_x, b.query_x], 1), torch.cat([b.support_y, b.query_y], 1),
                    b.query_x, b.query_y)
     return {
-        "maml1_a": ("MAML 1 step, 5w1s, 1 query/class, meta-batch 32: the query forward "
-                    "compiled", lambda m: MAML(m, 0.4, 1), tasks(5, 1, 1, 32), step),
-        "maml1_b": ("MAML 1 step, 5w1s, 15 queries/class, meta-batch 32",
-                    lambda m: MAML(m, 0.4, 1), tasks(5, 1, 15, 32), step),
-        "maml5_a": ("MAML 5 steps, 5w1s, 1 query/class, meta-batch 32",
-                    lambda m: MAML(m, 0.4, 5), tasks(5, 1, 1, 32), step),
-        "maml5_b": ("MAML 5 steps, 5w1s, 15 queries/class, meta-batch 32",
-                    lambda m: MAML(m, 0.4, 5), tasks(5, 1, 15, 32), step),
         "fomaml5_a": ("FOMAML 5 steps, 5w1s, 1 query/class, meta-batch 32",
                       lambda m: FOMAML(m, 0.4, 5), tasks(5, 1, 1, 32), step),
         "fomaml5_b": ("FOMAML 5 steps, 5w1s, 15 queries/class, meta-batch 32",

@@ -144,11 +144,11 @@ def _add_process_options(p) -> None:
     p.add_argument("--no-malloc-reuse", action="store_true", help="leave glibc's allocator "
                    "as it is (by default freed memory is kept for reuse: up to 1.8x faster "
                    "on CPU, and the process keeps its peak memory; see metalearn.allocator)")
-    p.add_argument("--compile", action="store_true", help="run what is differentiated at "
-                   "most once (first-order inner loops, MAML's query forward, evaluation's "
-                   "adaptation) through torch.compile: faster per iteration after a first "
-                   "call of minutes on CPU (seconds once inductor's cache is warm), so for "
-                   "long runs; the same results to rounding (see metalearn.kernels.compiled)")
+    p.add_argument("--compile", action="store_true", help="run the first-order inner loops "
+                   "(FOMAML, Reptile, evaluation's adaptation) through torch.compile: "
+                   "1.1-1.4x faster per iteration after a first call of minutes on CPU "
+                   "(seconds once inductor's cache is warm), so for long runs; the results "
+                   "are the same to rounding (see metalearn.kernels.compiled)")
 
 
 def _config_from(args: argparse.Namespace, **extra) -> TrainConfig:

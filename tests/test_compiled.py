@@ -7,7 +7,7 @@ comparison exact to round-off.
 import pytest
 import torch
 
-from metalearn import FOMAML, MAML, Reptile
+from metalearn import FOMAML, Reptile
 from metalearn.algorithms.reptile import minibatch_indices
 from metalearn.kernels import compiled, kernel_settings
 from metalearn.models import MLP, Conv4
@@ -99,19 +99,3 @@ def test_the_compile_flag_compiles_the_first_order_regions_of_a_cli_run(
     code = main(["train", "--algorithm", "fomaml", "--iterations", "1", "--meta-batch", "4",
                  "--no-progress", "--checkpoint", str(tmp_path / "plain.pt")])
     assert code == 0 and len(compiled_regions) == 2  # off without the flag
-
-
-@pytest.mark.parametrize("memory_saving", [False, True])
-def test_maml_with_a_compiled_query_forward_matches_the_per_task_loop(memory_saving):
-    # The support forward stays on the exact path (differentiated twice), the query forward
-    # is compiled and differentiated once by the outer backward through both.
-    model = small_conv4()
-    batch = synthetic_image_batch(tasks=3, shots=2).to("cpu", torch.float64)
-    learner = MAML(model, 0.4, 2, memory_saving=memory_saving)
-    with kernel_settings(compile=True):
-        metrics = learner.step(batch)
-    assert learner._compiled["query"] is not False
-    loss, ref = maml_loop(model, batch, 0.4, 2)
-    for name, g in grads_of(model).items():
-        torch.testing.assert_close(g, ref[name], rtol=1e-9, atol=1e-12)
-    assert metrics["loss"] == pytest.approx(float(loss), rel=1e-12)

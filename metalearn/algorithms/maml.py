@@ -94,24 +94,8 @@ class MAML(MetaLearner):
                           trajectory=trajectory)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        compile_query = (current_settings().compile and torch.is_grad_enabled()
-                         and self.inner_steps > 0)
-        if not self.memory_saving and not (compile_query and self.loss.inner_flood is None):
-            return super().meta_loss(batch)
         if not self.memory_saving:
-            # The inner loop on its exact path (its graph is differentiated twice); the query
-            # forward, whose graph the outer backward differentiates once, compiled.
-            self._check_batch(batch)
-            params = self.fmodel.params()
-
-            def adapt(sx: torch.Tensor, sy: torch.Tensor) -> Params:
-                return self.adapt_task(params, sx, sy, self.inner_steps, self.first_order)
-
-            fast = vmap(adapt, randomness="different")(batch.support_x, batch.support_y)
-            losses, metric, stats = compiled.run(self, self.model, "query", self._query_region,
-                                                 fast, batch.query_x, batch.query_y)
-            self._flood_stats = {k: v.mean() for k, v in stats.items()}
-            return losses.mean(), metric
+            return super().meta_loss(batch)
         self._check_second_order()  # first_order may have been set since
         self._check_batch(batch)
         params, path = self.fmodel.params(), []
@@ -123,20 +107,11 @@ class MAML(MetaLearner):
             theta = {n: p.detach().expand(tasks, *p.shape) for n, p in params.items()}
             inner["inner_flood_active"] = vmap(self._inner_flood_active, randomness="different")(
                 [theta, *path[:-1]], batch.support_x, batch.support_y).mean()
-        if compile_query:
-            losses, metric, stats = compiled.run(self, self.model, "query", self._query_region,
-                                                 fast, batch.query_x, batch.query_y)
-        else:
-            losses, metric, stats = vmap(self._query_terms,
-                                         in_dims=(0 if self.inner_steps else None, 0, 0),
-                                         randomness="different")(fast, batch.query_x,
-                                                                 batch.query_y)
+        losses, metric, stats = vmap(self._query_terms,
+                                     in_dims=(0 if self.inner_steps else None, 0, 0),
+                                     randomness="different")(fast, batch.query_x, batch.query_y)
         self._flood_stats = {**inner, **{k: v.mean() for k, v in stats.items()}}
         return losses.mean(), metric
-
-    def _query_region(self, fast: Params, query_x: torch.Tensor, query_y: torch.Tensor):
-        """Every task's query terms at its adapted weights (compiled: differentiated once)."""
-        return vmap(self._query_terms, randomness="different")(fast, query_x, query_y)
 
     def step(self, batch: TaskBatch, shard: tuple[int, int] | None = None) -> dict[str, float]:
         if not (self.first_order and current_settings().compile and torch.is_grad_enabled()

@@ -3,10 +3,9 @@
 A first-order inner loop (FOMAML, Reptile, evaluation's adaptation) runs its forwards on
 the native kernels (order 0, :mod:`metalearn.kernels`) and keeps no graph, so nothing
 stops inductor from fusing its norm layers, activations and optimiser arithmetic and
-dropping the per-operation dispatch, which is most of the cost of small tasks. MAML's
-query forward is differentiated once too, by the outer backward (AOTAutograd compiles
-that backward). The twice-differentiated path (MAML's support forward) keeps its exact
-Functions and stays eager.
+dropping the per-operation dispatch, which is most of the cost of small tasks. The
+twice-differentiated path (MAML's support forward) keeps its exact Functions and stays
+eager.
 
 The kernel contexts are entered *outside* the compiled function, so dynamo traces the
 model's forwards as they are swapped (:func:`traced_region` marks the region, which
@@ -53,8 +52,8 @@ def run(owner: Any, model: nn.Module, name: str, fn: Callable, *args: Any) -> An
     """``fn(*args)`` compiled (once per ``owner`` and ``name``), in :func:`traced_region`;
     eagerly where compiling is off or failed.
 
-    ``fn``'s result may be differentiated once (the compiled backward has no backward of its
-    own), and ``fn`` must read no Python state that changes between calls other than what
+    ``fn`` must keep no graph (call it under ``torch.no_grad()`` or differentiate inside it
+    with ``torch.func``) and read no Python state that changes between calls other than what
     dynamo guards on (attributes, shapes, dtypes).
     """
     cache = owner.__dict__.setdefault("_compiled", {})
