@@ -236,12 +236,13 @@ def main() -> None:
     unknown = sorted(set(names) - set(all_workloads))
     if unknown:
         parser.error(f"unknown workloads {unknown}; choose from {sorted(all_workloads)}")
+    h = header(seed=0)  # at the start: the code that runs, even if the tree changes meanwhile
     rows = []
     for name in names:
         description, make, batch, call = all_workloads[name]
         rows.append({"workload": name, "setup": description,
                      **measure(name, make, batch, call, args.repeats)})
-    payload = {**header(seed=0), "benchmark": "compile_regions", "results": rows}
+    payload = {**h, "benchmark": "compile_regions", "results": rows}
     if "fomaml5_a" in names:
         _, make, batch, call = all_workloads["fomaml5_a"]
         payload["exactness_fomaml5_a"] = exactness(make, batch, call)

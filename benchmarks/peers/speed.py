@@ -22,8 +22,10 @@ For the goal of 3x, each row also has ``goal_seconds`` (learn2learn's time over 
 time oneDNN itself spends in one iteration of each library (``*_onednn_ms``: convolution
 and reorder primitives, from its verbose log), and ``conv_only_speedup``: learn2learn's
 time over the convolution FLOPs alone at the peak rate (no per-call cost, nothing else).
-Run on an idle machine. Writes benchmarks/results/speed_vs_l2l.json (or ``--out``); the
-header records GLIBC_TUNABLES and thread variables if set (benchmarks/studies/malloc_tunables.py).
+``--compile`` times metalearn with its first-order regions compiled
+(benchmarks/compile_regions.py). Run on an idle machine. Writes
+benchmarks/results/speed_vs_l2l.json (or ``--out``); the header records GLIBC_TUNABLES and
+thread variables if set (benchmarks/studies/malloc_tunables.py), and ``metalearn_compile``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from benchmarks.time_breakdown import (  # noqa: E402
     onednn_milliseconds,
 )
 from metalearn import FOMAML, MAML, Reptile  # noqa: E402
+from metalearn.kernels import kernel_settings  # noqa: E402
 from metalearn.models import Conv4  # noqa: E402
 
 CASES = (("maml", 1), ("maml", 5), ("fomaml", 5), ("reptile", 5))
@@ -112,7 +115,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--meta-batch", type=int, default=32)
     parser.add_argument("--out", default="speed_vs_l2l.json", help="results file name")
+    parser.add_argument("--compile", action="store_true",
+                        help="metalearn with kernel_settings(compile=True) (FOMAML's and "
+                             "Reptile's inner loops compiled; MAML unchanged); the first "
+                             "call, which compiles, is not timed")
     args = parser.parse_args()
+    with kernel_settings(compile=args.compile):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     t_start = time.perf_counter()
     h = header(seed=0)  # at the start: the commit that runs, even if HEAD moves meanwhile
     peak = conv_peak_gflops()
@@ -143,11 +155,14 @@ def main() -> None:
                 {"ours": run_ours, "theirs": run_theirs,
                  "floor": conv4_iteration(algo, steps, batch, FLOOR_FILTERS)}, args.repeats)
             t_ours, t_theirs = medians["ours"], medians["theirs"]
-            conv_gflop = convolution_gflop(run_ours)
+            # The FLOPs and oneDNN's time of the eager path (under --compile too): its
+            # dispatch mode and verbose log see eager calls only.
+            with kernel_settings(compile=False):
+                conv_gflop = convolution_gflop(run_ours)
+                onednn = {} if torch.cuda.is_available() else {
+                    "metalearn_onednn_ms": onednn_milliseconds(run_ours),
+                    "learn2learn_onednn_ms": onednn_milliseconds(run_theirs)}
             ceiling = bound_seconds(medians["floor"], conv_gflop, peak)
-            onednn = {} if torch.cuda.is_available() else {
-                "metalearn_onednn_ms": onednn_milliseconds(run_ours),
-                "learn2learn_onednn_ms": onednn_milliseconds(run_theirs)}
             row = {"queries_per_class": queries, "algorithm": algo, "inner_steps": steps,
                    "metalearn_seconds": t_ours, "learn2learn_seconds": t_theirs,
                    "speedup": t_theirs / t_ours, "grad_parity_max_rel": parity,
@@ -168,7 +183,8 @@ def main() -> None:
                       f"at the peak x{row['conv_only_speedup']:.2f}", flush=True)
     h.update(wall_seconds=time.perf_counter() - t_start, learn2learn=l2l.__version__,
              conv_peak_gflops=peak, floor_filters=FLOOR_FILTERS,
-             threads=torch.get_num_threads(), meta_batch=args.meta_batch, repeats=args.repeats)
+             threads=torch.get_num_threads(), meta_batch=args.meta_batch, repeats=args.repeats,
+             metalearn_compile=args.compile)
     print(f"wrote {write_json(args.out, {'header': h, 'rows': rows})}")
 
 
