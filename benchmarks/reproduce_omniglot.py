@@ -26,8 +26,7 @@ Adam 1e-3, one query per class, 60,000 iterations); Reptile as Nichol et al. 201
 (meta-batch 5, 5 inner Adam steps at 1e-3 with beta1 = 0 on batches of 10, 10 train shots,
 meta step 1 -> 0 over 100,000 iterations, 50 test steps on batches of 5). Validation: 500
 fixed tasks from the validation characters every 500 (Reptile: 1,000) iterations, scored
-after 3 inner steps (Reptile: 50). FOMAML and Reptile train with their inner loops compiled
-(``kernel_settings(compile=True)``, recorded as ``compile`` in ``<stem>.run.json``).
+after 3 inner steps (Reptile: 50).
 """
 
 from __future__ import annotations
@@ -58,11 +57,6 @@ RUNS = {
     "reptile": dict(COMMON, algorithm="reptile", iterations=100_000, val_every=1000),
 }
 TEST_STEPS = {"maml": 10, "fomaml": 10, "reptile": 50}
-# The first-order runs compile their inner loops (metalearn.kernels.compiled): after a
-# minute or two of compiling, Reptile's iteration here is 1.5x faster and FOMAML's (5 steps)
-# 1.26x (benchmarks/results/compile_regions.json), the same results to rounding.
-# Second-order MAML has nothing compiled.
-COMPILED = ("fomaml", "reptile")
 # A minute in which other processes used more than this many cores counts as shared.
 SHARED_CORES = 0.25
 
@@ -188,7 +182,7 @@ def pin(run_file: Path, algorithm: str, commit: str, clean: bool) -> dict:
                      f"  git worktree add ../wt-{run['commit'][:7]} {run['commit']}")
     else:
         run = {"algorithm": algorithm, "task": TASK, "commit": commit,
-               "settings": RUNS[algorithm], "compile": algorithm in COMPILED, "segments": []}
+               "settings": RUNS[algorithm], "segments": []}
     if not clean:
         sys.exit("error: metalearn/ or benchmarks/ has uncommitted edits, so the code that "
                  "runs is not the pinned commit; run from a clean worktree")
@@ -270,7 +264,6 @@ def main() -> None:
 
     import metalearn
     from metalearn.allocator import reuse_freed_memory
-    from metalearn.kernels import kernel_settings
 
     reuse_freed_memory()  # as the metalearn command does
     CpuMonitor(stem.with_suffix(".cpu.jsonl")).start()
@@ -278,9 +271,7 @@ def main() -> None:
     if start < settings["iterations"]:
         print(f"{stem.name}: iterations {start + 1}..{settings['iterations']} at "
               f"{commit[:7]}", flush=True)
-        with kernel_settings(compile=run.get("compile", False)):
-            metalearn.train(checkpoint=ckpt, resume=ckpt.exists(), progress=False,
-                            **settings)
+        metalearn.train(checkpoint=ckpt, resume=ckpt.exists(), progress=False, **settings)
     result = {"header": {**header(seed=settings["seed"]), "commit": commit},
               "run": run, **summary(stem, run), "test": evaluate_best(stem, args.algorithm)}
     atomic_write(stem.with_suffix(".json"),
