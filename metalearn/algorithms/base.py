@@ -12,7 +12,6 @@ from torch.func import vmap
 from metalearn.algorithms.functional_model import FunctionalModel, Params
 from metalearn.algorithms.losses import TaskLoss, accuracy, flood_active, flooded_mean
 from metalearn.data.task_batch import TaskBatch
-from metalearn.kernels import compiled
 
 
 def check_lr(name: str, value: float) -> float:
@@ -217,9 +216,9 @@ class MetaLearner(nn.Module):
                      steps: int, trajectory: bool):
         if torch.is_grad_enabled():  # a compiled region keeps no graph
             return self._adapt_region(params, support_x, support_y, steps, trajectory)
-        return compiled.run(self, self.model, "adapt", self._adapt_region,
-                            {n: p.detach() for n, p in params.items()}, support_x, support_y,
-                            steps, trajectory)
+        return self.fmodel.run_compiled(self, "adapt", self._adapt_region,
+                                        {n: p.detach() for n, p in params.items()},
+                                        support_x, support_y, steps, trajectory)
 
     def _adapt_region(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
                       steps: int, trajectory: bool):

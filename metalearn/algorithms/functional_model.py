@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metalearn.kernels import layers_for
-from metalearn.kernels.settings import in_traced_region
+from metalearn.kernels import compiled, layers_for
+from metalearn.kernels.settings import current_settings, in_traced_region
 
 Params = dict[str, torch.Tensor]
 
@@ -61,3 +61,13 @@ class FunctionalModel:
                 "(regression). Wrap it in a module whose forward returns that tensor, e.g. "
                 "`return self.net(x)[0]` for a model that returns (logits, features)")
         return out
+
+    def run_compiled(self, owner: object, name: str, fn, *args):
+        """``fn(*args)`` through ``torch.compile`` when ``kernel_settings(compile=True)``, once
+        per ``owner`` and ``name`` (:func:`metalearn.kernels.compiled.run`); else eagerly."""
+        return compiled.run(owner, self.module, name, fn, *args)
+
+    @staticmethod
+    def compiling() -> bool:
+        """Whether regions differentiated at most once run compiled now."""
+        return current_settings().compile

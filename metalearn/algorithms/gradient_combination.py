@@ -25,7 +25,6 @@ from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.inner_loop import inner_loop
 from metalearn.algorithms.reptile import Reptile
 from metalearn.data.task_batch import TaskBatch
-from metalearn.kernels import compiled
 
 TAILS = ("shared", "separate")
 
@@ -196,9 +195,9 @@ class GradientCombination(Reptile):
                                  batch.support_x.device) if support_steps > 0 else None)
         params = {n: p.detach() for n, p in self.fmodel.params().items()}
         with torch.no_grad():
-            return compiled.run(self, self.model, "directions", self._directions_region, params,
-                                batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-                                idx)
+            return self.fmodel.run_compiled(self, "directions", self._directions_region,
+                                            params, batch.support_x, batch.support_y,
+                                            batch.query_x, batch.query_y, idx)
 
     def _directions_region(self, params: Params, support_x: torch.Tensor,
                            support_y: torch.Tensor, query_x: torch.Tensor,

@@ -14,8 +14,6 @@ from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.inner_loop import inner_loop, sgd
 from metalearn.algorithms.losses import TaskLoss
 from metalearn.data.task_batch import TaskBatch
-from metalearn.kernels import compiled
-from metalearn.kernels.settings import current_settings
 
 
 class MAML(MetaLearner):
@@ -114,7 +112,7 @@ class MAML(MetaLearner):
         return losses.mean(), metric
 
     def step(self, batch: TaskBatch, shard: tuple[int, int] | None = None) -> dict[str, float]:
-        if not (self.first_order and current_settings().compile and torch.is_grad_enabled()
+        if not (self.first_order and self.fmodel.compiling() and torch.is_grad_enabled()
                 and self.loss.inner_flood is None and not self.memory_saving):
             return super().step(batch, shard)
         # First order, the meta-gradient is each task's query gradient at its adapted
@@ -122,8 +120,8 @@ class MAML(MetaLearner):
         self._check_batch(batch)
         params = self.fmodel.params()
         with torch.no_grad():
-            grads, losses, metric, stats = compiled.run(
-                self, self.model, "first_order_step", self._first_order_region,
+            grads, losses, metric, stats = self.fmodel.run_compiled(
+                self, "first_order_step", self._first_order_region,
                 {n: p.detach() for n, p in params.items()}, batch.support_x, batch.support_y,
                 batch.query_x, batch.query_y, self.inner_steps)
         self._accumulate(grads)

@@ -14,7 +14,6 @@ from metalearn.algorithms.functional_model import Params
 from metalearn.algorithms.inner_loop import Update, adam, inner_loop, sgd
 from metalearn.algorithms.losses import TaskLoss, accuracy
 from metalearn.data.task_batch import TaskBatch
-from metalearn.kernels import compiled
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 SAMPLINGS = ("cycle", "replacement")
@@ -163,9 +162,9 @@ class Reptile(MetaLearner):
                                 support_x.device)
         if torch.is_grad_enabled():  # a compiled region keeps no graph
             return self._adapt_region(params, support_x, support_y, idx, steps, trajectory)
-        return compiled.run(self, self.model, "adapt", self._adapt_region,
-                            {n: p.detach() for n, p in params.items()}, support_x, support_y,
-                            idx, steps, trajectory)
+        return self.fmodel.run_compiled(self, "adapt", self._adapt_region,
+                                        {n: p.detach() for n, p in params.items()},
+                                        support_x, support_y, idx, steps, trajectory)
 
     def _adapt_region(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
                       idx: torch.Tensor | None, steps: int, trajectory: bool):
