@@ -32,8 +32,8 @@ from torch import nn
 from metalearn.kernels import settings
 from metalearn.kernels.norm_layers import batch_statistics, norm_functions
 
-# Compiled callables and the regions that failed, by (learner id, region name); a learner
-# keeps its own in ``learner._compiled`` (dropped with the learner).
+# Each owner (a learner) keeps its compiled callables in ``owner._compiled`` by region name,
+# False for a region that failed to compile; they go with the owner.
 _FAILED_NOTICE = ("metalearn: torch.compile failed for {what} ({error}); running it eagerly "
                   "(set metalearn.kernels.kernel_settings(compile=False) to skip compiling)")
 
