@@ -37,6 +37,22 @@ _positive_float = _number(float, 0.0, strict=True)
 _non_negative_float = _number(float, 0.0, strict=False)
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``3600``, ``3600s``, ``90m`` or ``2.5h``."""
+    scale = _UNITS.get(text[-1:].lower())
+    try:
+        value = float(text[:-1] if scale else text) * (scale or 1.0)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a duration > 0 such as 3600, 90m or 2.5h, "
+                                         f"got {text!r}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -189,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fixed validation tasks (default 100)")
     tr.add_argument("--patience", type=_positive_int, help="stop after this many validations "
                     "without improvement")
+    tr.add_argument("--time-limit", type=_duration, help="stop at the first validation after "
+                    "this much wall-clock (3600, 90m, 2.5h), with the checkpoint written; "
+                    "--resume continues the run")
 
     ev = sub.add_parser("eval", allow_abbrev=False,
                         help="evaluate a checkpoint per inner-step count",
@@ -388,7 +407,7 @@ def _train(args, parser) -> int:
     ckpt = args.checkpoint or Path("runs") / f"{cfg.dataset}_{cfg.algorithm}.pt"
     try:  # the path is checked and locked before the first iteration
         result = train(cfg, checkpoint=ckpt, resume=args.resume, overwrite=args.overwrite,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, time_limit=args.time_limit)
     except CheckpointPathError as err:
         parser.error(err.worded(CLI))
     except CheckpointBusyError as err:  # not a usage error: the same command works later
@@ -403,6 +422,9 @@ def _train(args, parser) -> int:
     print(f"trained {result.iteration} iterations; best validation {best.get('metric', '')} "
           f"{value} at iteration {best.get('iteration')}"
           f"{' (early stop)' if result.stopped_early else ''}")
+    if result.out_of_time:
+        print(f"stopped at --time-limit after iteration {result.iteration} of "
+              f"{cfg.iterations}; continue with --resume --checkpoint {ckpt}")
     print(f"checkpoint: {ckpt}  best: {ckpt.with_suffix('.best.pt')}  "
           f"log: {ckpt.with_suffix('.jsonl')}")
     return 0

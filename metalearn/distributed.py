@@ -92,6 +92,14 @@ class DistContext:
                 p.grad.mul_(weight)
                 dist.all_reduce(p.grad)
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (on one process: ``flag``)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def reduce_metrics(self, metrics: dict[str, float], weight: float) -> dict[str, float]:
         if self.world_size == 1:
             return metrics

@@ -66,6 +66,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
     stopped_early: bool = False
+    #: Stopped at ``time_limit`` (the checkpoint is written; ``resume=True`` continues).
+    out_of_time: bool = False
 
 
 def validation_metric(dataset: str) -> tuple[str, bool]:
@@ -178,6 +180,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     log_every: int = 50,
+    time_limit: float | None = None,
     **overrides,
 ) -> TrainResult:
     """Meta-train a model as configured, with validation, checkpoints and early stopping.
@@ -240,6 +243,10 @@ def train(
             refused.
         progress: show a tqdm progress bar.
         log_every: iterations between log records.
+        time_limit: seconds this call may train (a job's wall-clock limit): past it, the
+            run stops at the next validation, after writing its checkpoint, and returns
+            with ``out_of_time`` set; ``resume=True`` continues it where it stopped. It
+            overruns the limit by at most one validation interval. ``None``: no limit.
 
     Raises:
         metalearn.run_files.CheckpointPathError: a ``checkpoint`` that cannot be written,
@@ -276,6 +283,7 @@ def train(
         >>> result.model is net, result.best["metric"]
         (True, 'loss')
     """
+    check_time_limit(time_limit)
     objects = UserObjects(model, train_sampler, val_sampler, loss, metric)
     objects.check()
     cfg = dataclasses.replace(config or TrainConfig(), **overrides).resolved()
@@ -286,7 +294,18 @@ def train(
     # writes, so only rank 0 checks and locks.
     with claim_checkpoint(ckpt, companion_paths, resume=resume, overwrite=overwrite,
                           writer=ctx.is_main):
-        return _train(cfg, ctx, ckpt, resume, progress, log_every, objects)
+        return _train(cfg, ctx, ckpt, resume, progress, log_every, objects, time_limit)
+
+
+def check_time_limit(time_limit: float | None) -> float | None:
+    """``time_limit`` itself if it is ``None`` or a finite number of seconds > 0."""
+    if time_limit is None:
+        return None
+    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) \
+            or not 0 < time_limit < float("inf"):
+        raise ValueError(f"time_limit must be a number of seconds > 0 (or None for no "
+                         f"limit), got {time_limit!r}")
+    return time_limit
 
 
 @dataclass
@@ -465,7 +484,8 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, ckpt: Path | None, resume: bool,
-           progress: bool, log_every: int, objects: UserObjects | None = None) -> TrainResult:
+           progress: bool, log_every: int, objects: UserObjects | None = None,
+           time_limit: float | None = None) -> TrainResult:
     run = _Run.build(cfg, ctx, objects)
     writes = ckpt is not None and ctx.is_main  # only rank 0 writes
     best_path, log_path = companion_paths(ckpt) if writes else (None, None)
@@ -484,7 +504,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ckpt: Path | None, resume: bool,
     bar = tqdm(total=cfg.iterations, initial=run.iteration,
                disable=not (progress and ctx.is_main), dynamic_ncols=True,
                desc=f"{cfg.algorithm} {_data_name(cfg, run.sampler, objects)}")
-    stopped_early = False
+    stopped_early = out_of_time = False
     t0 = time.perf_counter()
     try:
         run.model.train()
@@ -511,9 +531,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, ckpt: Path | None, resume: bool,
                 if cfg.patience is not None and run.stale >= cfg.patience:
                     stopped_early = True
                     break
+                # Every rank stops together: their clocks differ.
+                if time_limit is not None and it < cfg.iterations and ctx.any_rank(
+                        time.perf_counter() - t0 >= time_limit):
+                    out_of_time = True
+                    break
     finally:
         bar.close()
         log.close()
     ctx.close()  # not in finally: after a failure, a barrier could wait forever
     return TrainResult(run.model, run.learner, cfg, run.iteration, log.history, run.best,
-                       stopped_early)
+                       stopped_early, out_of_time)

@@ -35,6 +35,8 @@ def test_help_on_every_subcommand(sub, capsys):
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
     (["train", "--dataset", "omniglot", "--shots", "10", "--queries", "15"],
      "only 20 drawings"),
+    (["train", "--time-limit", "2d"], "expected a duration > 0 such as 3600, 90m or 2.5h"),
+    (["train", "--time-limit", "0m"], "expected a duration > 0"),
     (["bench", "--algorithms", "maml,foo"], "unknown algorithm(s) ['foo']"),
     (["bench", "--inner-steps-list", "1,x"], "expected integers"),
     (["eval"], "the following arguments are required: --checkpoint"),
@@ -131,3 +133,20 @@ def test_no_malloc_reuse_leaves_the_allocator_alone(tmp_path):
                 "--no-progress", "--no-malloc-reuse")
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["header"]["malloc_reuse"] is False
+
+
+def test_time_limit_stops_train_and_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    from tests.test_training import SecondPerIteration
+
+    SecondPerIteration(monkeypatch)
+    ckpt = tmp_path / "run.pt"
+    argv = ["train", "--dataset", "sine", "--iterations", "30", "--val-every", "10",
+            "--val-tasks", "10", "--no-progress", "--checkpoint", str(ckpt)]
+    assert main([*argv, "--time-limit", "0.25m"]) == 0  # 15 s: stops at validation 20
+    out = capsys.readouterr().out
+    assert "trained 20 iterations" in out
+    assert f"stopped at --time-limit after iteration 20 of 30; continue with --resume " \
+           f"--checkpoint {ckpt}" in out
+    assert main([*argv, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 30 iterations" in out and "--time-limit" not in out

@@ -44,6 +44,49 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
 
 
+class SecondPerIteration:
+    """A clock for ``metalearn.training`` that advances one second per meta-iteration."""
+
+    def __init__(self, monkeypatch):
+        from metalearn import training
+
+        self.now = 0.0
+        step = training._Run.meta_step
+
+        def timed_step(run, on_disk):
+            self.now += 1.0
+            return step(run, on_disk)
+
+        monkeypatch.setattr(training._Run, "meta_step", timed_step)
+        monkeypatch.setattr(training.time, "perf_counter", lambda: self.now)
+
+
+def test_time_limit_stops_at_the_next_validation_and_resume_finishes_the_run(
+        tmp_path, monkeypatch):
+    full = train(progress=False, checkpoint=tmp_path / "a.pt", **FAST)
+    SecondPerIteration(monkeypatch)
+    cut = train(progress=False, checkpoint=tmp_path / "b.pt", time_limit=15, **FAST)
+    # 15 s pass during iteration 15; the next validation is at 20.
+    assert cut.out_of_time and cut.iteration == 20
+    assert load_checkpoint(tmp_path / "b.pt")["iteration"] == 20
+    resumed = train(progress=False, checkpoint=tmp_path / "b.pt", resume=True, **FAST)
+    assert resumed.iteration == 30 and not resumed.out_of_time
+    a, b = params_of(full.model), params_of(resumed.model)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+
+
+def test_a_time_limit_reached_at_the_last_iteration_is_not_out_of_time(monkeypatch):
+    SecondPerIteration(monkeypatch)
+    assert not train(progress=False, time_limit=30, **FAST).out_of_time
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), "1h", True])
+def test_bad_time_limits_are_named(bad):
+    with pytest.raises(ValueError, match="time_limit must be a number of seconds > 0"):
+        train(progress=False, time_limit=bad, **FAST)
+
+
 def test_resume_with_reptile_and_its_minibatch_rng(tmp_path):
     # Constant schedule: a shorter first run would otherwise anneal the meta step faster.
     cfg = dict(FAST, algorithm="reptile", inner_batch=5, schedule="constant")
