@@ -26,15 +26,17 @@ from benchmarks.reproduce_omniglot import (  # noqa: E402
     TASK,
     cumulative_seconds,
     read_jsonl,
+    run_idle_rate,
     shared_share,
 )
 from metalearn.checkpoint import atomic_write  # noqa: E402
 
 
-def curve(stem: Path) -> list[dict]:
-    """The run's validation records with their cumulative seconds."""
+def curve(stem: Path, seconds_per_iteration: float) -> list[dict]:
+    """The run's validation records with their cumulative and idle-equivalent seconds."""
     log = read_jsonl(stem.with_suffix(".jsonl"))
-    return [{"iteration": r["iteration"], "seconds": t, "accuracy": r["accuracy"]}
+    return [{"iteration": r["iteration"], "seconds": t, "accuracy": r["accuracy"],
+             "idle_seconds": r["iteration"] * seconds_per_iteration}
             for r, t in zip(log, cumulative_seconds(log)) if r["split"] == "val"]
 
 
@@ -51,7 +53,10 @@ def main() -> None:
     rows, curves = [], {}
     for algorithm in RUNS:
         stem = args.folder / f"{algorithm}_{TASK}"
-        points = curve(stem)
+        idle = run_idle_rate(stem)
+        if idle is None:
+            continue
+        points = curve(stem, idle["seconds_per_iteration"])
         if not points:
             continue
         curves[algorithm] = points
@@ -59,15 +64,17 @@ def main() -> None:
         row = {"algorithm": algorithm, "iterations_so_far": last["iteration"],
                "of_iterations": RUNS[algorithm]["iterations"],
                "cpu_shared_share": shared_share(read_jsonl(stem.with_suffix(".cpu.jsonl"))),
+               "idle": idle,
                "best_accuracy": max(p["accuracy"] for p in points), "reached": {}}
         for level in levels:
             hit = first_reach(points, level)
             row["reached"][f"{level:.2f}"] = (None if hit is None else
                                               {"iteration": hit["iteration"],
+                                               "idle_seconds": round(hit["idle_seconds"], 1),
                                                "seconds": round(hit["seconds"], 1)})
         rows.append(row)
         cells = "  ".join(f"{k}: " + ("-" if v is None else
-                                      f"{v['iteration']} it / {v['seconds'] / 3600:.2f} h")
+                                      f"{v['iteration']} it / {v['idle_seconds'] / 3600:.2f} h")
                           for k, v in row["reached"].items())
         print(f"{algorithm:8s} ({last['iteration']} of {row['of_iterations']} it)  {cells}")
     write_json("time_to_accuracy.json", {"header": header(), "levels": levels, "rows": rows,
@@ -84,11 +91,11 @@ def plot(curves: dict, levels: list[float], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, points in curves.items():
-        ax.plot([p["seconds"] / 3600 for p in points], [100 * p["accuracy"] for p in points],
-                label=name)
+        ax.plot([p["idle_seconds"] / 3600 for p in points],
+                [100 * p["accuracy"] for p in points], label=name)
     for level in levels:
         ax.axhline(100 * level, color="grey", lw=0.5, ls=":")
-    ax.set_xlabel("wall-clock (hours, 2-core CPU)")
+    ax.set_xlabel("idle-equivalent wall-clock (hours, 2-core CPU)")
     ax.set_ylabel("validation accuracy % (500 tasks)")
     ax.set_title("Omniglot 5-way 1-shot, the papers' schedules")
     ax.set_ylim(80, 100)

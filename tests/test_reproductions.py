@@ -27,3 +27,29 @@ def test_first_reach():
               {"accuracy": 0.94, "iteration": 3}]
     assert first_reach(points, 0.95)["iteration"] == 2
     assert first_reach(points, 0.97) is None
+
+
+def test_idle_rate_keeps_only_the_intervals_no_other_process_shared():
+    from benchmarks.reproduce_omniglot import idle_rate
+
+    segments = [{"start_iteration": 0, "started": "2026-01-01T00:00:00+00:00"},
+                {"start_iteration": 100, "started": "2026-01-01T01:00:00+00:00"}]
+    log = [{"split": "train", "iteration": 50, "seconds": 10.0},
+           {"split": "train", "iteration": 100, "seconds": 20.0},   # idle: 0.2 s/it
+           {"split": "val", "iteration": 100, "accuracy": 0.5},
+           {"split": "train", "iteration": 150, "seconds": 200.0},  # after the restart
+           {"split": "train", "iteration": 200, "seconds": 300.0},  # shared: 2 s/it
+           {"split": "train", "iteration": 250, "seconds": 305.0}]  # idle: 0.1 s/it
+    cpu = [{"utc": "2026-01-01T00:01:00+00:00", "seconds": 60.0, "other_cores": 0.0},
+           {"utc": "2026-01-01T00:02:00+00:00", "seconds": 60.0, "other_cores": 0.0},
+           # the second process: shared in its 4th and 5th minute, idle after
+           {"utc": "2026-01-01T01:04:00+00:00", "seconds": 60.0, "other_cores": 1.0},
+           {"utc": "2026-01-01T01:05:00+00:00", "seconds": 60.0, "other_cores": 1.0},
+           {"utc": "2026-01-01T01:07:00+00:00", "seconds": 120.0, "other_cores": 0.1}]
+    rate = idle_rate(log, segments, cpu, margin=0.0)
+    # 50->100 (10 s) and 200->250 (5 s) count; 100->150 spans the restart.
+    assert rate["idle_intervals"] == 2 and rate["of_intervals"] == 3
+    assert rate["seconds_per_iteration"] == 15.0 / 100
+    # With a margin of two minutes, 200->250 touches the shared minutes and drops out.
+    assert idle_rate(log, segments, cpu, margin=120.0)["seconds_per_iteration"] == 0.2
+    assert idle_rate(log, segments, [], margin=0.0) is None
