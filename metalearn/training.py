@@ -460,17 +460,16 @@ class _Log:
 
     def __init__(self, path: Path | None) -> None:
         self.history: list[dict] = []
-        self.file = open(path, "a") if path else None  # noqa: SIM115 - closed in close()
+        self.path = path
 
     def __call__(self, record: dict) -> None:
         self.history.append(record)
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
+        if self.path:
+            # Opened per record, not held open: a file put in the log's place meanwhile
+            # (a git checkout or stash of a run inside a repository) gets the records, where
+            # a held handle would go on writing to the replaced, deleted file.
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def _data_name(cfg: TrainConfig, sampler: Any, objects: UserObjects | None) -> str:
@@ -538,7 +537,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, ckpt: Path | None, resume: bool,
                     break
     finally:
         bar.close()
-        log.close()
     ctx.close()  # not in finally: after a failure, a barrier could wait forever
     return TrainResult(run.model, run.learner, cfg, run.iteration, log.history, run.best,
                        stopped_early, out_of_time)

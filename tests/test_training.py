@@ -222,6 +222,32 @@ def test_resume_survives_a_log_line_cut_short_by_a_kill(tmp_path):
     assert resumed.iteration == 30 and lines[-1]["iteration"] == 30
 
 
+def test_a_log_file_replaced_during_the_run_gets_the_later_records(tmp_path):
+    # As a git stash or checkout does to a run writing inside a repository: the file at
+    # the log's path is replaced by another one while the run goes on.
+    from metalearn.data import SineTasks
+
+    log = tmp_path / "a.jsonl"
+
+    class Replacing(SineTasks):
+        calls = 0
+
+        def sample(self, n):
+            Replacing.calls += 1
+            if Replacing.calls == 15:
+                first = log.read_text().splitlines()[0]
+                log.unlink()
+                log.write_text(first + "\n")
+            return super().sample(n)
+
+    train(progress=False, checkpoint=tmp_path / "a.pt", train_sampler=Replacing(seed=0),
+          val_sampler=SineTasks(seed=1), log_every=5, **FAST)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(r["iteration"], r["split"]) for r in lines] == [
+        (5, "train"), (15, "train"), (20, "train"), (20, "val"), (25, "train"),
+        (30, "train"), (30, "val")]
+
+
 def test_each_rank_validates_only_its_share_of_the_tasks(monkeypatch):
     # Rank 1 of 2, without a process group: the collectives are stand-ins that record what
     # this rank evaluated and hand back the whole table as rank 0 and 1 together would.
