@@ -283,7 +283,7 @@ def train(
         >>> result.model is net, result.best["metric"]
         (True, 'loss')
     """
-    check_time_limit(time_limit)
+    _check_time_limit(time_limit)
     objects = UserObjects(model, train_sampler, val_sampler, loss, metric)
     objects.check()
     cfg = dataclasses.replace(config or TrainConfig(), **overrides).resolved()
@@ -297,7 +297,7 @@ def train(
         return _train(cfg, ctx, ckpt, resume, progress, log_every, objects, time_limit)
 
 
-def check_time_limit(time_limit: float | None) -> float | None:
+def _check_time_limit(time_limit: float | None) -> float | None:
     """``time_limit`` itself if it is ``None`` or a finite number of seconds > 0."""
     if time_limit is None:
         return None

@@ -214,11 +214,8 @@ class MetaLearner(nn.Module):
     # -- adaptation ---------------------------------------------------------------------
     def _adapt_batch(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
                      steps: int, trajectory: bool):
-        if torch.is_grad_enabled():  # a compiled region keeps no graph
-            return self._adapt_region(params, support_x, support_y, steps, trajectory)
-        return self.fmodel.run_compiled(self, "adapt", self._adapt_region,
-                                        {n: p.detach() for n, p in params.items()},
-                                        support_x, support_y, steps, trajectory)
+        return self.fmodel.run_compiled(self, "adapt", self._adapt_region, params, support_x,
+                                        support_y, steps, trajectory)
 
     def _adapt_region(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
                       steps: int, trajectory: bool):

@@ -62,10 +62,17 @@ class FunctionalModel:
                 "`return self.net(x)[0]` for a model that returns (logits, features)")
         return out
 
-    def run_compiled(self, owner: object, name: str, fn, *args):
-        """``fn(*args)`` through ``torch.compile`` when ``kernel_settings(compile=True)``, once
-        per ``owner`` and ``name`` (:func:`metalearn.kernels.compiled.run`); else eagerly."""
-        return compiled.run(owner, self.module, name, fn, *args)
+    def run_compiled(self, owner: object, name: str, fn, params: Params, *args):
+        """``fn(params, *args)`` through ``torch.compile`` when ``kernel_settings(compile=True)``,
+        once per ``owner`` and ``name`` (:func:`metalearn.kernels.compiled.run`); else eagerly.
+
+        A compiled region keeps no graph, so ``params`` enter it detached; with gradients
+        enabled (a caller differentiating through ``fn``) it runs eagerly on ``params`` as
+        they are."""
+        if torch.is_grad_enabled():
+            return fn(params, *args)
+        return compiled.run(owner, self.module, name, fn,
+                            {n: p.detach() for n, p in params.items()}, *args)
 
     @staticmethod
     def compiling() -> bool:

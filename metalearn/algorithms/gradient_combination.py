@@ -193,11 +193,10 @@ class GradientCombination(Reptile):
         support_steps = self.inner_steps - (self.tail == "separate")
         idx = (self._minibatches(len(batch), batch.num_support, support_steps, shard,
                                  batch.support_x.device) if support_steps > 0 else None)
-        params = {n: p.detach() for n, p in self.fmodel.params().items()}
         with torch.no_grad():
             return self.fmodel.run_compiled(self, "directions", self._directions_region,
-                                            params, batch.support_x, batch.support_y,
-                                            batch.query_x, batch.query_y, idx)
+                                            self.fmodel.params(), batch.support_x,
+                                            batch.support_y, batch.query_x, batch.query_y, idx)
 
     def _directions_region(self, params: Params, support_x: torch.Tensor,
                            support_y: torch.Tensor, query_x: torch.Tensor,

@@ -121,9 +121,8 @@ class MAML(MetaLearner):
         params = self.fmodel.params()
         with torch.no_grad():
             grads, losses, metric, stats = self.fmodel.run_compiled(
-                self, "first_order_step", self._first_order_region,
-                {n: p.detach() for n, p in params.items()}, batch.support_x, batch.support_y,
-                batch.query_x, batch.query_y, self.inner_steps)
+                self, "first_order_step", self._first_order_region, params, batch.support_x,
+                batch.support_y, batch.query_x, batch.query_y, self.inner_steps)
         self._accumulate(grads)
         metrics = {"loss": losses.mean().item()}
         if batch.is_classification:

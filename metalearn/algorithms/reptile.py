@@ -160,11 +160,8 @@ class Reptile(MetaLearner):
                      steps: int, trajectory: bool, shard: tuple[int, int] | None = None):
         idx = self._minibatches(len(support_x), support_x.shape[1], steps, shard,
                                 support_x.device)
-        if torch.is_grad_enabled():  # a compiled region keeps no graph
-            return self._adapt_region(params, support_x, support_y, idx, steps, trajectory)
-        return self.fmodel.run_compiled(self, "adapt", self._adapt_region,
-                                        {n: p.detach() for n, p in params.items()},
-                                        support_x, support_y, idx, steps, trajectory)
+        return self.fmodel.run_compiled(self, "adapt", self._adapt_region, params, support_x,
+                                        support_y, idx, steps, trajectory)
 
     def _adapt_region(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
                       idx: torch.Tensor | None, steps: int, trajectory: bool):
