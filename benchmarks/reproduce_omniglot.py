@@ -72,6 +72,10 @@ RUNS = {
                   val_every=500, imaml_lambda=2.0, inner_lr=0.1, cg_steps=5,
                   imaml_inner_solve="pullback", cg_damping=1.0, lam_damping=10.0),
 }
+# Runs whose first-order inner loops go through torch.compile (`metalearn train --compile`):
+# Reptile's training step is 1.49x faster so (benchmarks/results/compile_regions.json,
+# workload reptile_repro); its 50-step evaluations stay eager (compiled.MAX_UNROLLED_STEPS).
+COMPILED = {"reptile"}
 TEST_STEPS = {"maml": 10, "fomaml": 10, "reptile": 50, "mamlpp": 5, "imaml": 16}
 # Idle-equivalent seconds each variant trains for (see idle_rate): their learning curves
 # are compared with MAML's at equal wall-clock.
@@ -257,7 +261,8 @@ def pin(run_file: Path, algorithm: str, commit: str, clean: bool) -> dict:
                      f"  git worktree add ../wt-{run['commit'][:7]} {run['commit']}")
     else:
         run = {"algorithm": algorithm, "task": TASK, "commit": commit,
-               "settings": RUNS[algorithm], "segments": []}
+               "settings": RUNS[algorithm], "compile": algorithm in COMPILED,
+               "segments": []}
     if not clean:
         sys.exit("error: metalearn/ or benchmarks/ has uncommitted edits, so the code that "
                  "runs is not the pinned commit; run from a clean worktree")
@@ -356,6 +361,7 @@ def main() -> None:
 
     import metalearn
     from metalearn.allocator import reuse_freed_memory
+    from metalearn.kernels import kernel_settings
 
     reuse_freed_memory()  # as the metalearn command does
     CpuMonitor(stem.with_suffix(".cpu.jsonl")).start()
@@ -365,8 +371,9 @@ def main() -> None:
         print(f"{stem.name}: iterations {start + 1}..{settings['iterations']} at "
               f"{commit[:7]}" + ("" if left is None else f", for {left / 3600:.2f} h"),
               flush=True)
-        metalearn.train(checkpoint=ckpt, resume=ckpt.exists(), progress=False,
-                        time_limit=left, **settings)
+        with kernel_settings(compile=args.algorithm in COMPILED):
+            metalearn.train(checkpoint=ckpt, resume=ckpt.exists(), progress=False,
+                            time_limit=left, **settings)
     result = {"header": {**header(seed=settings["seed"]), "commit": commit},
               "run": run, **summary(stem, run), "test": evaluate_best(stem, args.algorithm)}
     atomic_write(stem.with_suffix(".json"),

@@ -99,3 +99,21 @@ def test_the_compile_flag_compiles_the_first_order_regions_of_a_cli_run(
     code = main(["train", "--algorithm", "fomaml", "--iterations", "1", "--meta-batch", "4",
                  "--no-progress", "--checkpoint", str(tmp_path / "plain.pt")])
     assert code == 0 and len(compiled_regions) == 2  # off without the flag
+
+
+def test_an_adaptation_longer_than_the_unrolling_limit_runs_eagerly(monkeypatch):
+    compiled_regions = []
+
+    def recording_compile(fn, **_):  # stands in for torch.compile: records, runs eagerly
+        compiled_regions.append(fn.__name__)
+        return fn
+
+    monkeypatch.setattr(compiled.torch, "compile", recording_compile)
+    torch.manual_seed(0)
+    batch = tiny_sine_batch()
+    learner = FOMAML(MLP().double(), 0.01, 1)
+    with kernel_settings(compile=True):
+        learner.adapt(batch.support_x, batch.support_y, steps=compiled.MAX_UNROLLED_STEPS + 1)
+        assert compiled_regions == [] and "adapt" not in learner.__dict__.get("_compiled", {})
+        learner.adapt(batch.support_x, batch.support_y, steps=compiled.MAX_UNROLLED_STEPS)
+    assert compiled_regions == ["_adapt_region"]

@@ -215,7 +215,7 @@ class MetaLearner(nn.Module):
     def _adapt_batch(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
                      steps: int, trajectory: bool):
         return self.fmodel.run_compiled(self, "adapt", self._adapt_region, params, support_x,
-                                        support_y, steps, trajectory)
+                                        support_y, steps, trajectory, steps=steps)
 
     def _adapt_region(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
                       steps: int, trajectory: bool):

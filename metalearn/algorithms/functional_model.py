@@ -62,9 +62,10 @@ class FunctionalModel:
                 "`return self.net(x)[0]` for a model that returns (logits, features)")
         return out
 
-    def run_compiled(self, owner: object, name: str, fn, params: Params, *args):
+    def run_compiled(self, owner: object, name: str, fn, params: Params, *args, steps: int):
         """``fn(params, *args)`` through ``torch.compile`` when ``kernel_settings(compile=True)``,
-        once per ``owner`` and ``name`` (:func:`metalearn.kernels.compiled.run`); else eagerly.
+        once per ``owner`` and ``name`` (:func:`metalearn.kernels.compiled.run`); else eagerly,
+        as also where ``fn`` unrolls more than ``MAX_UNROLLED_STEPS`` inner ``steps``.
 
         A compiled region keeps no graph, so ``params`` enter it detached; with gradients
         enabled (a caller differentiating through ``fn``) it runs eagerly on ``params`` as
@@ -72,7 +73,7 @@ class FunctionalModel:
         if torch.is_grad_enabled():
             return fn(params, *args)
         return compiled.run(owner, self.module, name, fn,
-                            {n: p.detach() for n, p in params.items()}, *args)
+                            {n: p.detach() for n, p in params.items()}, *args, steps=steps)
 
     @staticmethod
     def compiling() -> bool:

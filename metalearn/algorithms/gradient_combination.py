@@ -196,7 +196,8 @@ class GradientCombination(Reptile):
         with torch.no_grad():
             return self.fmodel.run_compiled(self, "directions", self._directions_region,
                                             self.fmodel.params(), batch.support_x,
-                                            batch.support_y, batch.query_x, batch.query_y, idx)
+                                            batch.support_y, batch.query_x, batch.query_y, idx,
+                                            steps=self.inner_steps)
 
     def _directions_region(self, params: Params, support_x: torch.Tensor,
                            support_y: torch.Tensor, query_x: torch.Tensor,

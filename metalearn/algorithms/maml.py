@@ -122,7 +122,8 @@ class MAML(MetaLearner):
         with torch.no_grad():
             grads, losses, metric, stats = self.fmodel.run_compiled(
                 self, "first_order_step", self._first_order_region, params, batch.support_x,
-                batch.support_y, batch.query_x, batch.query_y, self.inner_steps)
+                batch.support_y, batch.query_x, batch.query_y, self.inner_steps,
+                steps=self.inner_steps)
         self._accumulate(grads)
         metrics = {"loss": losses.mean().item()}
         if batch.is_classification:

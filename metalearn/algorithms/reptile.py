@@ -161,7 +161,7 @@ class Reptile(MetaLearner):
         idx = self._minibatches(len(support_x), support_x.shape[1], steps, shard,
                                 support_x.device)
         return self.fmodel.run_compiled(self, "adapt", self._adapt_region, params, support_x,
-                                        support_y, idx, steps, trajectory)
+                                        support_y, idx, steps, trajectory, steps=steps)
 
     def _adapt_region(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
                       idx: torch.Tensor | None, steps: int, trajectory: bool):

@@ -16,7 +16,10 @@ Compiling costs time once per shape (inductor's on-disk cache makes later proces
 fast); ``KernelSettings.compile`` switches it (``benchmarks/compile_regions.py`` measures
 the cost, the speed-up and the iteration it pays off at). Where compiling fails (no C++
 compiler, an operation dynamo cannot trace) the region runs eagerly from then on, after a
-one-line notice.
+one-line notice. A region that unrolls more than :data:`MAX_UNROLLED_STEPS` inner steps
+runs eagerly: inductor's compile time grows with the unrolled graph (10 steps take about
+100 s cold, 50 steps had not compiled after 7 CPU-minutes), and such long adaptations are
+evaluations, run rarely.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from torch import nn
 
 from metalearn.kernels import settings
 from metalearn.kernels.norm_layers import batch_statistics, norm_functions
+
+MAX_UNROLLED_STEPS = 10
 
 # Each owner (a learner) keeps its compiled callables in ``owner._compiled`` by region name,
 # False for a region that failed to compile; they go with the owner.
@@ -48,9 +53,10 @@ def traced_region(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def run(owner: Any, model: nn.Module, name: str, fn: Callable, *args: Any) -> Any:
+def run(owner: Any, model: nn.Module, name: str, fn: Callable, *args: Any, steps: int) -> Any:
     """``fn(*args)`` compiled (once per ``owner`` and ``name``), in :func:`traced_region`;
-    eagerly where compiling is off or failed.
+    eagerly where compiling is off or failed, or where ``fn`` unrolls more than
+    :data:`MAX_UNROLLED_STEPS` inner ``steps``.
 
     ``fn`` must keep no graph (call it under ``torch.no_grad()`` or differentiate inside it
     with ``torch.func``) and read no Python state that changes between calls other than what
@@ -58,7 +64,8 @@ def run(owner: Any, model: nn.Module, name: str, fn: Callable, *args: Any) -> An
     """
     cache = owner.__dict__.setdefault("_compiled", {})
     compiled = cache.get(name)
-    if not settings.current_settings().compile or compiled is False:
+    if (not settings.current_settings().compile or compiled is False
+            or steps > MAX_UNROLLED_STEPS):
         return fn(*args)
     if compiled is None:
         compiled = cache[name] = torch.compile(fn, dynamic=False)
