@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -72,7 +71,7 @@ from torch.func import vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, header  # noqa: E402
+from benchmarks.common import RESULTS, header, mean_ci  # noqa: E402
 from metalearn import evaluate, train  # noqa: E402
 from metalearn.algorithms.losses import FLOOD_MODES  # noqa: E402
 from metalearn.bench import TEST_SEED  # noqa: E402
@@ -100,31 +99,6 @@ PROBE_SEED = 424_242  # the fixed training tasks of the activity probe
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 QUICK = dict(iterations="maml=4,fomaml=4", seeds="0", levels="0,0.3", tasks=20, val_tasks=10,
              val_every=2, probe_tasks=8, probe_iterations=4)
-
-
-# -- statistics -------------------------------------------------------------------------
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228}
-
-
-def t95(df: int) -> float:
-    """Two-sided 95% Student-t quantile (scipy is not a dependency)."""
-    if df in _T95:
-        return _T95[df]
-    z = 1.959964  # Cornish-Fisher expansion; within 0.003 of the exact value for df > 10
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def mean_ci(values: list[float]) -> dict:
-    """Mean, sample std and t-based 95% CI half-width (None below two values)."""
-    n = len(values)
-    if n == 0:
-        return {"n": 0, "mean": None, "std": None, "ci95": None}
-    mean = sum(values) / n
-    if n < 2:
-        return {"n": 1, "mean": mean, "std": None, "ci95": None}
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return {"n": n, "mean": mean, "std": std, "ci95": t95(n - 1) * std / math.sqrt(n)}
 
 
 # -- support losses along the inner trajectory --------------------------------------------

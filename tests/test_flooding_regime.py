@@ -1,5 +1,6 @@
-"""benchmarks/flooding_regime.py: its statistics and selection against hand computations, the
-reading of training logs, and a resumable smoke run of the whole study on a tiny budget."""
+"""benchmarks/flooding_regime.py: the studies' statistics (benchmarks.common) and its selection
+against hand computations, the reading of training logs, and a resumable smoke run of the
+whole study on a tiny budget."""
 
 from __future__ import annotations
 
@@ -9,26 +10,27 @@ import math
 import pytest
 
 from benchmarks import flooding_regime as fr
+from benchmarks.common import mean_ci, paired, t95
 
 
 def test_paired_difference_and_its_t_interval_by_hand():
     a = {0: 0.80, 1: 0.83, 2: 0.78, 5: 0.5}  # seed 5 has no partner: left out
     b = {0: 0.79, 1: 0.80, 2: 0.79}
-    d = fr.paired(a, b)
+    d = paired(a, b)
     # differences 0.01, 0.03, -0.01: mean 0.01, sample std sqrt((0 + 0.0004 + 0.0004) / 2)
     assert d["seeds"] == [0, 1, 2] and d["n"] == 3
     assert d["mean"] == pytest.approx(0.01)
     assert d["std"] == pytest.approx(0.02)
     assert d["ci95"] == pytest.approx(4.303 * 0.02 / math.sqrt(3))
     assert (d["low"], d["high"]) == pytest.approx((0.01 - d["ci95"], 0.01 + d["ci95"]))
-    assert fr.paired({0: 1.0}, {0: 0.5})["ci95"] is None  # one seed: no interval
-    assert fr.mean_ci([])["mean"] is None
+    assert paired({0: 1.0}, {0: 0.5})["ci95"] is None  # one seed: no interval
+    assert mean_ci([])["mean"] is None
 
 
 @pytest.mark.parametrize("df, exact", [(1, 12.706), (3, 3.182), (11, 2.201), (20, 2.086),
                                        (30, 2.042), (100, 1.984)])
 def test_t_quantiles(df, exact):
-    assert fr.t95(df) == pytest.approx(exact, abs=0.003)
+    assert t95(df) == pytest.approx(exact, abs=0.003)
 
 
 def test_selection_takes_the_best_mean_over_common_seeds_and_the_smaller_level_on_ties():
