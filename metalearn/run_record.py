@@ -24,9 +24,12 @@ def run_header(argv: list[str] | None = None) -> dict:
             return None
 
     commit = git("rev-parse", "HEAD") or None
-    # Tracked files changed since that commit: the result is not the commit's alone.
-    changed = None if commit is None else bool(git("status", "--porcelain",
-                                                   "--untracked-files=no"))
+    # Tracked files changed since that commit: the result is not the commit's alone. The
+    # result files of benchmarks/results are outputs, not code: a sequence of benchmarks
+    # rewrites them as it goes.
+    changed = None if commit is None else bool(git(
+        "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+        ":(top,exclude)benchmarks/results"))
     return {
         "command": " ".join(["metalearn", *(argv if argv is not None else sys.argv[1:])]),
         "commit": commit,

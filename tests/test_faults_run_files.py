@@ -245,6 +245,13 @@ def test_a_result_header_says_when_the_code_differs_from_its_commit(tmp_path, mo
     monkeypatch.setattr(run_record, "__file__", str(copy))
     clean = run_record.run_header([])
     assert clean["commit"] and clean["uncommitted_changes"] is False
+    results = repo / "benchmarks" / "results" / "r.json"
+    results.parent.mkdir(parents=True)
+    results.write_text("{}")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "a result"], check=True)
+    results.write_text('{"rewritten": true}')  # an output of a benchmark, not code
+    assert run_record.run_header([])["uncommitted_changes"] is False
     copy.write_text(copy.read_text() + "\n# edited\n")
     (repo / "untracked.txt").write_text("not part of the code")
     assert run_record.run_header([])["uncommitted_changes"] is True
