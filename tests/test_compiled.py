@@ -15,6 +15,18 @@ from tests.reference import maml_loop, reptile_loop
 from tests.test_maml import grads_of, synthetic_image_batch, tiny_sine_batch
 
 
+def record_compiles(monkeypatch) -> list[str]:
+    """Stand in for torch.compile: record each compiled function's name, run it eagerly."""
+    names = []
+
+    def recording_compile(fn, **_):
+        names.append(fn.__name__)
+        return fn
+
+    monkeypatch.setattr(compiled.torch, "compile", recording_compile)
+    return names
+
+
 def small_conv4():
     torch.manual_seed(0)
     return Conv4(ways=5, hidden=4).double()
@@ -80,13 +92,7 @@ def test_a_region_that_fails_to_compile_runs_eagerly_after_a_notice(monkeypatch,
 
 def test_the_compile_flag_compiles_the_first_order_regions_of_a_cli_run(
         monkeypatch, tmp_path, capsys):
-    compiled_regions = []
-
-    def recording_compile(fn, **_):  # stands in for torch.compile: records, runs eagerly
-        compiled_regions.append(fn.__name__)
-        return fn
-
-    monkeypatch.setattr(compiled.torch, "compile", recording_compile)
+    compiled_regions = record_compiles(monkeypatch)
     from metalearn.cli import main
     from metalearn.kernels import current_settings
 
@@ -102,13 +108,7 @@ def test_the_compile_flag_compiles_the_first_order_regions_of_a_cli_run(
 
 
 def test_an_adaptation_longer_than_the_unrolling_limit_runs_eagerly(monkeypatch):
-    compiled_regions = []
-
-    def recording_compile(fn, **_):  # stands in for torch.compile: records, runs eagerly
-        compiled_regions.append(fn.__name__)
-        return fn
-
-    monkeypatch.setattr(compiled.torch, "compile", recording_compile)
+    compiled_regions = record_compiles(monkeypatch)
     torch.manual_seed(0)
     batch = tiny_sine_batch()
     learner = FOMAML(MLP().double(), 0.01, 1)
