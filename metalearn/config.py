@@ -31,6 +31,12 @@ class AlgorithmSpec:
             this one does, with its defaults (``None``: unset, the learner's own default).
         defaults: its own defaults of shared settings, over the family's.
         dataset_defaults: per dataset, defaults over both.
+
+    Example:
+        >>> from metalearn.config import ALGORITHM_SPECS
+        >>> spec = ALGORITHM_SPECS["mamlpp"]
+        >>> spec.family, spec.defaults, spec.dataset_defaults["omniglot"]["inner_lr"]
+        ('maml', {'inner_steps': 5}, 0.1)
     """
 
     family: str
@@ -138,7 +144,20 @@ BACKBONES = ("conv4", "resnet12")
 @dataclass(frozen=True)
 class ImageBenchmark:
     """A benchmark of RGB images: its sampler in :mod:`metalearn.data` and what the model
-    and the checks need to know."""
+    and the checks need to know (the entries of ``BENCHMARKS``).
+
+    Attributes:
+        sampler: the name of its task sampler class in :mod:`metalearn.data`.
+        name: its name in messages.
+        image_size: the side of its square images.
+        val_classes: the classes of its smallest split, the most ways every split allows.
+        per_class: images per class, where fixed (``None`` for tieredImageNet).
+
+    Example:
+        >>> from metalearn.config import BENCHMARKS
+        >>> BENCHMARKS["mini-imagenet"].sampler, BENCHMARKS["mini-imagenet"].image_size
+        ('MiniImageNetTasks', 84)
+    """
 
     sampler: str
     name: str
@@ -244,6 +263,71 @@ _NEUTRAL = {"inner_optimizer": "sgd", "first_order": False, "memory_saving": Fal
 @dataclass
 class TrainConfig:
     """Everything that defines a meta-training run; ``None`` fields take paper defaults.
+
+    :meth:`resolved` fills the unset fields from the paper of the algorithm's family on the
+    dataset (``PAPER_DEFAULTS``) and checks every value; the command line's flags are these
+    fields with dashes (``--meta-batch`` is ``meta_batch``).
+
+    Attributes:
+        dataset: ``"sine"``, ``"omniglot"``, ``"mini-imagenet"``, ``"tiered-imagenet"``,
+            ``"cifar-fs"`` or ``"fc100"``.
+        algorithm: ``"maml"``, ``"fomaml"``, ``"reptile"``, ``"metasgd"``, ``"anil"``,
+            ``"mamlpp"`` or ``"imaml"``.
+        ways: classes per task (the image datasets).
+        shots: support examples per class (per task for sine).
+        queries: query examples per class (per task for sine); default: ``shots``.
+        meta_batch: tasks per meta-iteration.
+        iterations: meta-iterations.
+        inner_lr: the inner step size (Reptile with Adam: its learning rate).
+        inner_steps: inner steps in meta-training.
+        inner_batch: Reptile: examples per inner mini-batch (default: the support set).
+        inner_optimizer: Reptile: ``"sgd"`` or ``"adam"``.
+        inner_flood: flood level b of the inner loss (``None`` or 0: off).
+        flood_mode: ``"batch"`` (flooding, Ishida et al. 2020) or ``"instance"``
+            (iFlood, Xie et al. 2022).
+        outer_flood: flood level b of the meta-training (query) loss.
+        outer_optimizer: ``"sgd"``, ``"momentum"``, ``"adagrad"`` or ``"adam"``.
+        outer_lr: the meta learning rate (Reptile: the meta step size epsilon).
+        weight_decay: the outer optimiser's L2 term.
+        schedule: the meta learning rate over the run: ``"constant"``, ``"linear"`` (to 0)
+            or ``"cosine"``.
+        init: the network's initialisation, ``"xavier"`` or ``"he"``.
+        dropout: dropout probability in the network.
+        backbone: ``None`` for the dataset's network (the sine MLP, a Conv4), or
+            ``"conv4"`` / ``"resnet12"`` for the RGB benchmarks.
+        label_smoothing: label smoothing of the classification losses.
+        eval_shots: support examples per class at validation and test (default: ``shots``).
+        eval_queries: query examples per class at validation and test (default:
+            ``queries``).
+        eval_steps: inner steps at validation and test (default: ``inner_steps``, at
+            least 1).
+        eval_inner_batch: Reptile: inner mini-batch at validation and test.
+        val_every: meta-iterations between validations.
+        val_tasks: fixed validation tasks.
+        patience: stop after this many validations without improvement (``None``: never).
+        seed: the run's seed (weights, task draws).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        data_root: the folder holding the dataset's folder (default: ``$METALEARN_DATA``,
+            then ``~/.cache/metalearn``).
+        first_order: Meta-SGD, ANIL, MAML++: a first-order meta-gradient.
+        anil_inner: ANIL: comma-separated names or prefixes of the parameters the inner
+            loop adapts (default: the last layer's).
+        imaml_lambda: iMAML: the proximal strength lambda.
+        cg_steps: iMAML: conjugate-gradient steps (0: first order).
+        imaml_inner_solve: iMAML: ``"proximal"`` (the paper's inner problem) or
+            ``"pullback"`` (its reference code's plain steps, then one pull-back step).
+        cg_damping: iMAML: added times the identity to the CG matrix.
+        lam_damping: iMAML: the Hessian term is divided by lambda plus this.
+        lslr: MAML++: per-layer, per-step learned inner learning rates.
+        multi_step_loss: MAML++: the query loss after every inner step, weighted.
+        msl_iterations: MAML++: iterations over which the multi-step loss anneals to the
+            last step.
+        first_order_iterations: MAML++: first order for this many iterations, then second.
+        per_step_bn: MAML++: per-step BatchNorm weights and biases.
+        memory_saving: MAML: recompute each inner step's activations in the backward (the
+            same meta-gradient, less memory).
+        train_classes: meta-train on a fixed subset of this many classes of the training
+            split (``None``: all); validation and test unchanged.
 
     Example:
         >>> from metalearn.config import TrainConfig

@@ -42,9 +42,22 @@ IGNORED_WITH = {"model": ("init", "dropout"), "train_sampler": ("queries",),
 class SearchResult:
     """What :func:`search` returns: every trial's record and the winning point.
 
-    ``trials`` holds one record per (point, seed): the point, the seed, the best validation
-    value with its 95% CI and iteration, and the seconds it took. ``best`` is the point with
-    the best validation value averaged over seeds.
+    Attributes:
+        metric: the validation metric the trials are ranked by (``"accuracy"``, ``"mse"``,
+            or a :class:`~metalearn.evaluation.Metric`'s name).
+        higher_is_better: the metric's direction.
+        trials: one record per (point, seed): the point, the seed, the best validation
+            value with its 95% CI and iteration, and the seconds it took.
+        header: the command, commit, machine and versions of the search.
+        best: the point with the best validation value averaged over seeds (a property).
+
+    Example:
+        >>> from metalearn.search import SearchResult
+        >>> r = SearchResult("mse", higher_is_better=False, trials=[
+        ...     {"point": {"inner_lr": 0.01}, "seed": 0, "best": {"value": 0.9, "ci95": 0.1}},
+        ...     {"point": {"inner_lr": 0.02}, "seed": 0, "best": {"value": 0.7, "ci95": 0.1}}])
+        >>> r.best["point"], r.best["value"]
+        ({'inner_lr': 0.02}, 0.7)
     """
 
     metric: str

@@ -57,7 +57,32 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns: the trained model and learner, and the run's record."""
+    """What :func:`train` returns: the trained model and learner, and the run's record.
+
+    Attributes:
+        model: the trained model (the one given as ``model=``, trained in place, or the
+            built-in network); its weights are those at the last iteration, not the best.
+        learner: the learner that trained it (with Meta-SGD's and MAML++'s learned state).
+        config: the resolved :class:`~metalearn.config.TrainConfig` of the run.
+        iteration: the meta-iterations done.
+        history: the log's records, as in the JSON-lines log: ``{"split": "train", ...}``
+            every ``log_every`` iterations (loss, and accuracy for classification),
+            ``{"split": "val", ...}`` at each validation (the metric after the validation
+            step count, with its 95% CI).
+        best: the best validation: ``{"iteration", "metric", "value", "ci95"}``; ``None``
+            before the first validation. Its weights are in ``<stem>.best.pt`` beside the
+            checkpoint.
+        stopped_early: stopped by ``patience``.
+        out_of_time: stopped at ``time_limit`` (the checkpoint is written; ``resume=True``
+            continues).
+
+    Example:
+        >>> import metalearn
+        >>> r = metalearn.train(dataset="sine", iterations=10, val_every=5, val_tasks=5,
+        ...                     log_every=5, progress=False)
+        >>> r.iteration, [rec["split"] for rec in r.history], r.stopped_early
+        (10, ['train', 'val', 'train', 'val'], False)
+    """
 
     model: nn.Module
     learner: MetaLearner
@@ -66,7 +91,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
     stopped_early: bool = False
-    #: Stopped at ``time_limit`` (the checkpoint is written; ``resume=True`` continues).
     out_of_time: bool = False
 
 

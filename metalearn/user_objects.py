@@ -29,6 +29,14 @@ class UserObjects:
     """The model, task samplers, loss and metric of the user's that a run is given; each one
     that is ``None`` is built from the config as usual. See :func:`metalearn.train`.
 
+    Attributes:
+        model: the network (``train(model=...)``).
+        train_sampler: the training tasks: ``sample(n) -> TaskBatch``, ``state_dict()`` and
+            ``load_state_dict(state)``.
+        val_sampler: the validation tasks: ``sample(n) -> TaskBatch``.
+        loss: a per-example loss ``loss(outputs, targets) -> (n,)``.
+        metric: the validation :class:`~metalearn.evaluation.Metric`.
+
     Example:
         >>> from metalearn.user_objects import UserObjects
         >>> from metalearn.models import MLP

@@ -58,6 +58,26 @@ class MetaLearner(nn.Module):
             ``loss_fn(outputs, targets) -> (n,)``, for the inner and the outer loss),
             ``inner_flood``, ``outer_flood``, ``flood_mode``, ``label_smoothing`` (see
             :class:`~metalearn.algorithms.losses.TaskLoss`).
+
+    Example:
+        A new algorithm is an ``adapt_task``; here MAML whose odd inner steps are half as
+        long:
+
+        >>> import torch
+        >>> from metalearn.algorithms import MetaLearner, inner_loop, sgd
+        >>> from metalearn.data import SineTasks
+        >>> from metalearn.models import MLP
+        >>> class HalfStepMAML(MetaLearner):
+        ...     def adapt_task(self, params, x, y, steps, first_order, trajectory=False):
+        ...         def loss(p, step, order):
+        ...             return self.support_loss(p, x, y, order)
+        ...         rate = sgd(lambda name, step: self.inner_lr * (0.5 if step % 2 else 1.0))
+        ...         return inner_loop(loss, params, steps, rate, first_order=first_order,
+        ...                           trajectory=trajectory)
+        >>> learner = HalfStepMAML(MLP(), inner_lr=0.01, inner_steps=2)
+        >>> metrics = learner.step(SineTasks(seed=0).sample(8))  # grads into .grad
+        >>> sorted(metrics), all(p.grad is not None for p in learner.parameters())
+        (['loss'], True)
     """
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,

@@ -26,6 +26,13 @@ class KernelSettings:
         compile: run the regions differentiated at most once (first-order inner loops,
             evaluation's adaptation) through ``torch.compile``
             (:mod:`metalearn.kernels.compiled`).
+
+    Example:
+        >>> from metalearn.kernels import KernelSettings, current_settings
+        >>> current_settings() == KernelSettings()  # the defaults, outside kernel_settings
+        True
+        >>> KernelSettings(compile=True).per_task_min_batch
+        32
     """
 
     tasks_as_groups: bool = True
