@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -356,6 +357,17 @@ def _cli_words(message: str) -> str:
     return message
 
 
+def _flag_words(message: str, parser: argparse.ArgumentParser) -> str:
+    """A config error in the command's words: the setting it starts with as its flag."""
+    flags = {a.dest: a.option_strings[0] for a in parser._actions
+             if a.option_strings and a.option_strings[0].startswith("--")}
+    name = re.match(r"(\w+) (applies to|must be)", message)
+    if name and name.group(1) in flags:
+        message = flags[name.group(1)] + message[len(name.group(1)):]
+    return (message.replace(" applies to algorithm=", " applies to --algorithm ")
+            .replace("; leave it unset", "; leave it out"))
+
+
 def _fetch_data(args, dataset: str | None = None) -> None:
     """``--download``: fetch the dataset's missing files before anything is built: the
     Omniglot zips (for sine and omniglot, as before), or the CIFAR-100 archive. eval
@@ -403,7 +415,7 @@ def _train(args, parser) -> int:
         cfg = _config_from(args, val_every=args.val_every, val_tasks=args.val_tasks,
                            patience=args.patience, algorithm=args.algorithm).resolved()
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(_flag_words(str(err), parser))
     ckpt = args.checkpoint or Path("runs") / f"{cfg.dataset}_{cfg.algorithm}.pt"
     try:  # the path is checked and locked before the first iteration
         result = train(cfg, checkpoint=ckpt, resume=args.resume, overwrite=args.overwrite,
@@ -485,7 +497,7 @@ def _bench(args, parser) -> int:
     try:
         base.resolved()  # validate now; each algorithm then fills in its own paper defaults
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(_flag_words(str(err), parser))
     return run_bench(base, args.algorithms, out=args.out, iterations=args.iterations,
                      full=args.full, tasks=args.tasks, eval_steps=args.eval_steps,
                      steps_list=args.steps_list, progress=not args.no_progress)
@@ -496,12 +508,15 @@ def _search(args, parser) -> int:
     from metalearn.training import NonFiniteError
 
     try:
-        space = parse_space(args.grid)
+        space = parse_space(args.grid)  # --grid names the settings as TrainConfig does
+    except ValueError as err:
+        parser.error(str(err))
+    try:
         base = _config_from(args, val_every=args.val_every, val_tasks=args.val_tasks,
                             patience=args.patience, algorithm=args.algorithm)
         base.resolved()
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(_flag_words(str(err), parser))
     try:
         result = search(base, space, trials=args.trials, seeds=args.seeds, runs=args.runs,
                         out=args.out, resume=args.resume, progress=not args.no_progress)

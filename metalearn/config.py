@@ -57,10 +57,11 @@ _OUTER = {"outer_flood": None}  # every learner with an outer loss
 # MAML++ (Antoniou et al. 2019) trains with 5 inner steps; the reference code anneals the
 # multi-step loss over 10 epochs of 500 iterations; its cosine meta-lr anneal is
 # ``schedule="cosine"``. iMAML (Rajeswaran et al. 2019): the reference code's lam and CG
-# steps; its inner problem needs several steps to be near its solution (16 as recalled from
-# its reference code; unchecked). On Omniglot: the paper's lambda 2, and the inner lr that won
-# a validation search at that lambda (benchmarks/results/imaml_inner_lr_search.json); MAML's
-# 0.4 leaves the proximal inner problem unconverged (see docs/algorithms/imaml.md).
+# steps; 16 inner steps, as its paper's GD variant takes for 5-way Omniglot (the caption of
+# its Table 2, which also gives lambda 2 and 5 CG steps). On Omniglot: the paper's lambda
+# 2, and the inner lr that won a validation search at that lambda
+# (benchmarks/results/imaml_inner_lr_search.json); MAML's 0.4 leaves the proximal inner
+# problem unconverged (see docs/algorithms/imaml.md).
 # MAML++ on Omniglot: the reference code's 5w1s config (HowToTrainYourMAMLPytorch,
 # experiment_config/omniglot_maml++-omniglot_1_8_0.1_64_5_0.json): LSLR rates start at 0.1,
 # 8 tasks per meta-batch, 100 epochs of 500 iterations with the meta learning rate annealed

@@ -59,14 +59,22 @@ def test_every_rule_refuses_a_bad_value():
                            else "maml", name: value})._check_value(name)
 
 
-def test_the_cli_names_the_misplaced_option(capsys):
+@pytest.mark.parametrize("command,flags,said", [
+    ("train", ["--algorithm", "maml", "--lslr"],
+     "--lslr applies to --algorithm 'mamlpp' only, not to 'maml'; leave it out"),
+    # The field is multi_step_loss; its flag is --msl.
+    ("train", ["--algorithm", "fomaml", "--no-msl"], "--msl applies to --algorithm 'mamlpp'"),
+    ("bench", ["--algorithms", "maml", "--cg-steps", "3"], "--cg-steps applies to --algorithm"),
+    ("search", ["--grid", "inner_lr=0.1,0.2", "--per-step-bn"], "--per-step-bn applies to"),
+])
+def test_the_cli_names_the_misplaced_option_by_its_flag(capsys, command, flags, said):
     from metalearn.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--algorithm", "maml", "--lslr"])
+        main([command, *flags])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "usage: metalearn train" in err and "lslr applies to algorithm='mamlpp' only" in err
+    assert f"usage: metalearn {command}" in err and said in err, err
 
 
 def test_mamlpp_on_omniglot_takes_the_reference_codes_config():

@@ -16,9 +16,12 @@ class Conv4(nn.Module):
     This is the MAML Omniglot network (Finn et al. 2017, "Model-Agnostic Meta-Learning
     for Fast Adaptation of Deep Networks"): no max-pooling, strided convolutions, and
     BatchNorm that normalises with the statistics of the current batch; 113,221 parameters
-    for 5 ways at 28×28. With ``max_pool=True`` the convolutions have stride 1 and each
-    block ends in 2×2 max-pooling, as in the paper's miniImageNet network, which
-    :meth:`mini_imagenet` builds in full.
+    for 5 ways at 28×28. It differs from the MAML reference code in one respect: the
+    classifier reads the flattened last feature map (2×2×64 = 256 inputs at 28×28, as in
+    the iMAML reference code), where the MAML code averages that map (64 inputs). With
+    ``max_pool=True`` the convolutions have stride 1 and each block ends in 2×2
+    max-pooling, as in the paper's miniImageNet network, which :meth:`mini_imagenet`
+    builds in full.
 
     Args:
         ways: number of output classes.
