@@ -1,4 +1,4 @@
-"""The ``metalearn`` command: train, eval, bench and search."""
+"""The ``metalearn`` command: train, eval, bench, search and plot."""
 
 from __future__ import annotations
 
@@ -159,11 +159,12 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
 
 def _add_process_options(p) -> None:
     p.add_argument("--no-malloc-reuse", action="store_true", help="leave glibc's allocator "
-                   "as it is (by default freed memory is kept for reuse: up to 1.8x faster "
-                   "on CPU, and the process keeps its peak memory; see metalearn.allocator)")
+                   "as it is (by default freed memory is kept for reuse: up to 2.3x faster "
+                   "on CPU with large query sets, and the process keeps its peak memory; see "
+                   "metalearn.allocator)")
     p.add_argument("--compile", action="store_true", help="run the first-order inner loops "
                    "(FOMAML, Reptile, evaluation's adaptation) through torch.compile: "
-                   "1.1-1.4x faster per iteration after a first call of minutes on CPU "
+                   "1.1-1.9x faster per iteration after a first call of 1-2 minutes on CPU "
                    "(seconds once inductor's cache is warm), so for long runs; the results "
                    "are the same to rounding (see metalearn.kernels.compiled)")
 
