@@ -101,6 +101,9 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
     a.add_argument("--inner-batch", type=_positive_int, help="Reptile: examples per inner "
                    "mini-batch (default: the whole support set)")
     a.add_argument("--inner-optimizer", choices=("sgd", "adam"), help="Reptile's inner optimizer")
+    a.add_argument("--inner-adam-state", choices=("carried", "task"), help="Reptile with Adam: "
+                   "carry Adam's moments across tasks, as the reference code does (carried, "
+                   "the default), or start them fresh for every task (task)")
     a.add_argument("--inner-flood", type=_non_negative_float, help="flood level b of the "
                    "inner loss (0 = off)")
     a.add_argument("--flood-mode", choices=("batch", "instance"), default="batch",
@@ -171,9 +174,10 @@ def _add_process_options(p) -> None:
 
 def _config_from(args: argparse.Namespace, **extra) -> TrainConfig:
     keys = ("dataset", "ways", "shots", "queries", "meta_batch", "iterations", "data_root",
-            "inner_lr", "inner_steps", "inner_batch", "inner_optimizer", "inner_flood",
-            "flood_mode", "outer_flood", "label_smoothing", "outer_optimizer", "outer_lr",
-            "weight_decay", "schedule", "init", "dropout", "backbone", "seed", "device")
+            "inner_lr", "inner_steps", "inner_batch", "inner_optimizer", "inner_adam_state",
+            "inner_flood", "flood_mode", "outer_flood", "label_smoothing", "outer_optimizer",
+            "outer_lr", "weight_decay", "schedule", "init", "dropout", "backbone", "seed",
+            "device")
     keys += ("first_order", "anil_inner", "imaml_lambda", "cg_steps", "imaml_inner_solve",
              "cg_damping", "lam_damping", "lslr", "multi_step_loss", "msl_iterations",
              "first_order_iterations", "per_step_bn")

@@ -52,6 +52,7 @@ VARIANT_OPTIONS = ("first_order", "anil_inner", "imaml_lambda", "cg_steps",
                    "imaml_inner_solve", "cg_damping", "lam_damping", "lslr",
                    "multi_step_loss", "msl_iterations", "first_order_iterations",
                    "per_step_bn", "memory_saving", "inner_batch", "inner_optimizer",
+                   "inner_adam_state",
                    "eval_inner_batch", "outer_flood")
 _OUTER = {"outer_flood": None}  # every learner with an outer loss
 # MAML++ (Antoniou et al. 2019) trains with 5 inner steps; the reference code anneals the
@@ -83,7 +84,8 @@ def _fomaml(cfg: TrainConfig, model: nn.Module, loss: dict, evaluation: bool) ->
 def _reptile(cfg: TrainConfig, model: nn.Module, loss: dict, evaluation: bool) -> MetaLearner:
     batch = cfg.eval_inner_batch if evaluation else cfg.inner_batch
     return Reptile(model, cfg.inner_lr, cfg.inner_steps, inner_batch=batch,
-                   inner_optimizer=cfg.inner_optimizer, **loss)
+                   inner_optimizer=cfg.inner_optimizer,
+                   adam_state=cfg.inner_adam_state or "carried", **loss)
 
 
 def _metasgd(cfg: TrainConfig, model: nn.Module, loss: dict, evaluation: bool) -> MetaLearner:
@@ -119,6 +121,7 @@ ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
     "maml": AlgorithmSpec("maml", _maml, {**_OUTER, "memory_saving": None}),
     "fomaml": AlgorithmSpec("maml", _fomaml, dict(_OUTER)),
     "reptile": AlgorithmSpec("reptile", _reptile, {"inner_batch": None, "inner_optimizer": None,
+                                                   "inner_adam_state": None,
                                                    "eval_inner_batch": None}),
     "metasgd": AlgorithmSpec("maml", _metasgd, {**_OUTER, "first_order": False}),
     "anil": AlgorithmSpec("maml", _anil, {**_OUTER, "first_order": False, "anil_inner": None}),
@@ -250,6 +253,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "outer_optimizer": (_one_of(OUTER_OPTIMIZERS), f"one of {OUTER_OPTIMIZERS}"),
     "schedule": (_one_of(SCHEDULES), f"one of {SCHEDULES}"),
     "inner_optimizer": (_one_of(("sgd", "adam")), "one of ('sgd', 'adam')"),
+    "inner_adam_state": (_one_of(("carried", "task")), "one of ('carried', 'task')"),
     "flood_mode": (_one_of(("batch", "instance")), "one of ('batch', 'instance')"),
     "init": (_one_of(("xavier", "he")), "one of ('xavier', 'he')"),
     "backbone": (_one_of(BACKBONES), f"one of {BACKBONES}"),
@@ -283,6 +287,8 @@ class TrainConfig:
         inner_steps: inner steps in meta-training.
         inner_batch: Reptile: examples per inner mini-batch (default: the support set).
         inner_optimizer: Reptile: ``"sgd"`` or ``"adam"``.
+        inner_adam_state: Reptile with Adam: ``"carried"`` (default: the moments carried
+            across tasks, as in the reference code) or ``"task"`` (fresh for every task).
         inner_flood: flood level b of the inner loss (``None`` or 0: off).
         flood_mode: ``"batch"`` (flooding, Ishida et al. 2020) or ``"instance"``
             (iFlood, Xie et al. 2022).
@@ -348,6 +354,7 @@ class TrainConfig:
     inner_steps: int | None = None
     inner_batch: int | None = None
     inner_optimizer: str | None = None
+    inner_adam_state: str | None = None
     inner_flood: float | None = None
     flood_mode: str = "batch"
     outer_flood: float | None = None
@@ -411,6 +418,8 @@ class TrainConfig:
                 if values.get(key) is None:
                     values[key] = value
         values["inner_optimizer"] = values["inner_optimizer"] or "sgd"
+        if values["inner_optimizer"] == "adam" and self.algorithm == "reptile":
+            values["inner_adam_state"] = values["inner_adam_state"] or "carried"
         values["queries"] = values["queries"] or values["shots"]
         values["schedule"] = values["schedule"] or "constant"
         values["eval_shots"] = values["eval_shots"] or values["shots"]
@@ -494,6 +503,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
+        values = upgraded(values)
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -504,7 +514,16 @@ class TrainConfig:
 # Settings added after runs were saved that to_dict() leaves out while unset (a saved config
 # without one reads back as None: from_dict's default, and the resume check's .get()).
 OMITTED_WHEN_UNSET = ("train_classes", "backbone", "imaml_inner_solve", "cg_damping",
-                      "lam_damping")
+                      "lam_damping", "inner_adam_state")
+
+
+def upgraded(saved: dict) -> dict:
+    """A saved config as this version reads it: Reptile with Adam saved before
+    ``inner_adam_state`` existed restarted Adam for every task, so it reads as ``"task"``."""
+    if (saved.get("algorithm") == "reptile" and saved.get("inner_optimizer") == "adam"
+            and "inner_adam_state" not in saved):
+        return {**saved, "inner_adam_state": "task"}
+    return saved
 
 
 def train_split_classes(dataset: str) -> int:

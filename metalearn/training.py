@@ -34,6 +34,7 @@ from metalearn.config import (
     build_optimizer,
     build_sampler,
     build_schedule,
+    upgraded,
 )
 from metalearn.distributed import DistContext
 from metalearn.evaluation import EvaluationResult, Metric, default_metric, evaluate
@@ -392,7 +393,7 @@ class _Run:
     def restore(self, ckpt: Path) -> None:
         """Continue from ``ckpt``: the state of every object and the run's standing."""
         state = load_checkpoint(ckpt)
-        mismatch = (_config_mismatch(state.get("config", {}), self.cfg.to_dict())
+        mismatch = (_config_mismatch(upgraded(state.get("config", {})), self.cfg.to_dict())
                     + user_mismatch(state.get("user"), self.user))
         if mismatch:
             raise CheckpointError(f"checkpoint {ckpt} was written by a different run:\n  "

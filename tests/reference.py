@@ -86,6 +86,48 @@ def reptile_loop(model, batch, inner_lr, steps, indices=None, optimizer="sgd",
     return {n: theta[n] - torch.stack([phi[n] for phi in phis]).mean(0) for n in theta}
 
 
+def reptile_loop_carried_adam(model, batch, inner_lr, steps, state, indices=None,
+                              betas=(0.0, 0.999), eps=1e-8):
+    """Reptile with the reference code's inner Adam carried across tasks, task by task.
+
+    ``state`` is ``(m, v, t)`` (dicts by parameter name, and the step count). Every task
+    starts a ``torch.optim.Adam`` from it (the batched learner runs the tasks of a
+    meta-batch in parallel from the state they share); the carried state afterwards is
+    Adam's recursion run over all the tasks' gradients in task order, as one optimiser
+    adapting the tasks in turn would leave it given the same gradients. Returns
+    ``(theta - mean_i phi_i, (m, v, t))``.
+    """
+    net = batch_stats_copy(model)
+    theta = {n: p.detach().clone() for n, p in net.named_parameters()}
+    m0, v0, t0 = state
+    phis, grads = [], []
+    for i in range(len(batch)):
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                p.copy_(theta[n])
+        opt = torch.optim.Adam(net.parameters(), lr=inner_lr, betas=betas, eps=eps)
+        for n, p in net.named_parameters():
+            opt.state[p] = {"step": torch.tensor(float(t0)), "exp_avg": m0[n].clone(),
+                            "exp_avg_sq": v0[n].clone()}
+        for t in range(steps):
+            x, y = batch.support_x[i], batch.support_y[i]
+            if indices is not None:
+                x, y = x[indices[i, t]], y[indices[i, t]]
+            opt.zero_grad()
+            losses_of(net(x), y).mean().backward()
+            grads.append({n: p.grad.detach().clone() for n, p in net.named_parameters()})
+            opt.step()
+        phis.append({n: p.detach().clone() for n, p in net.named_parameters()})
+    b1, b2 = betas
+    m = {n: t.clone() for n, t in m0.items()}
+    v = {n: t.clone() for n, t in v0.items()}
+    for g in grads:  # Adam's moment recursions over every step of every task, in order
+        m = {n: b1 * m[n] + (1 - b1) * g[n] for n in m}
+        v = {n: b2 * v[n] + (1 - b2) * g[n] * g[n] for n in v}
+    direction = {n: theta[n] - torch.stack([phi[n] for phi in phis]).mean(0) for n in theta}
+    return direction, (m, v, float(t0) + len(grads))
+
+
 def central_differences(tensor: torch.Tensor, loss: Callable[[], torch.Tensor | float],
                         eps: float = 1e-6, limit: int | None = None,
                         ) -> Iterator[tuple[int, float]]:

@@ -20,7 +20,7 @@ SAMPLE = {"first_order": True, "anil_inner": "classifier", "imaml_lambda": 2.0, 
           "first_order_iterations": 5, "per_step_bn": False, "memory_saving": True,
           "inner_batch": 4, "inner_optimizer": "adam", "eval_inner_batch": 4,
           "outer_flood": 0.1, "imaml_inner_solve": "pullback", "cg_damping": 1.0,
-          "lam_damping": 10.0}
+          "lam_damping": 10.0, "inner_adam_state": "task"}
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHM_SPECS))

@@ -32,6 +32,9 @@ def final_params(path):
 @pytest.mark.parametrize("algorithm, extra", [
     ("maml", []),
     ("reptile", ["--inner-batch", "4", "--schedule", "constant"]),
+    # Adam's state carried across tasks: the ranks fold their tasks' terms together.
+    ("reptile", ["--inner-batch", "4", "--schedule", "constant", "--inner-optimizer", "adam",
+                 "--inner-lr", "0.001", "--outer-lr", "1.0"]),
 ])
 def test_two_gloo_ranks_equal_one_process(tmp_path, algorithm, extra):
     args = ["train", "--algorithm", algorithm, "--iterations", "8", "--meta-batch", "5",

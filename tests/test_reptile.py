@@ -7,7 +7,7 @@ from metalearn import Reptile
 from metalearn.algorithms.reptile import minibatch_indices
 from metalearn.data import SineTasks
 from metalearn.models import MLP, Conv4
-from tests.reference import losses_of, reptile_loop
+from tests.reference import losses_of, reptile_loop, reptile_loop_carried_adam
 from tests.test_maml import grads_of, synthetic_image_batch
 
 
@@ -36,6 +36,73 @@ def test_batched_reptile_matches_per_task_loop_on_conv4():
     ref = reptile_loop(model, batch, 0.1, 3)
     for name, g in grads_of(model).items():
         torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-6)
+
+
+def _carried(reptile):
+    m, v, t = reptile.carried_state()
+    return ({n: x.clone() for n, x in m.items()}, {n: x.clone() for n, x in v.items()},
+            t.item())
+
+
+def test_carried_adam_state_matches_adam_carried_task_by_task():
+    # float64 on sine: three meta-iterations, each checked against torch.optim.Adam started
+    # from the carried state for every task, and the state folded over all tasks' steps.
+    torch.manual_seed(0)
+    model = MLP().double()
+    tasks = SineTasks(shots=10, seed=1)
+    reptile = Reptile(model, 1e-3, 5, inner_batch=4, inner_optimizer="adam",
+                      generator=torch.Generator().manual_seed(7))
+    assert reptile.adam_state == "carried" and reptile.carried_state()[2].item() == 0
+    draws = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        batch = tasks.sample(6).to("cpu", torch.float64)
+        start = _carried(reptile)
+        idx = minibatch_indices(6, 10, 4, 5, "cycle", draws)
+        ref, (m, v, t) = reptile_loop_carried_adam(model, batch, 1e-3, 5, start, indices=idx)
+        for p in model.parameters():
+            p.grad = None
+        reptile.step(batch)
+        for name, g in grads_of(model).items():
+            torch.testing.assert_close(g, ref[name], rtol=1e-9, atol=1e-12)
+        got_m, got_v, got_t = _carried(reptile)
+        assert got_t == t == start[2] + 30
+        for name in v:
+            torch.testing.assert_close(got_v[name], v[name], rtol=1e-9, atol=1e-15)
+            torch.testing.assert_close(got_m[name], m[name], rtol=1e-9, atol=1e-15)
+        with torch.no_grad():  # the meta step, so that the next iteration starts elsewhere
+            for p in model.parameters():
+                p -= 0.5 * p.grad
+    assert max(x.abs().max().item() for x in got_v.values()) > 0
+
+
+def test_carried_state_is_read_not_changed_by_adapt_and_kept_by_state_dict():
+    torch.manual_seed(0)
+    model = MLP()
+    reptile = Reptile(model, 1e-3, 3, inner_optimizer="adam")
+    batch = SineTasks(seed=2).sample(4)
+    reptile.step(batch)
+    before = {k: v.clone() for k, v in reptile.state_dict().items() if "adam" in k}
+    assert before and all(k.startswith("learned.adam_") for k in before)
+    fast = reptile.adapt(batch.support_x, batch.support_y)
+    after = {k: v for k, v in reptile.state_dict().items() if "adam" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # adapt starts from the carried state: fresh moments adapt differently.
+    fresh = Reptile(model, 1e-3, 3, inner_optimizer="adam", adam_state="task")
+    other = fresh.adapt(batch.support_x, batch.support_y)
+    assert any(not torch.allclose(fast[n], other[n]) for n in fast)
+    # A new learner loads the state and adapts as the first one does.
+    again = Reptile(model, 1e-3, 3, inner_optimizer="adam")
+    again.load_state_dict(reptile.state_dict())
+    same = again.adapt(batch.support_x, batch.support_y)
+    assert all(torch.equal(fast[n], same[n]) for n in fast)
+
+
+def test_task_adam_state_and_sgd_keep_no_buffers_and_bad_values_are_refused():
+    assert not list(Reptile(MLP(), 1e-3, 2, inner_optimizer="adam",
+                            adam_state="task").learned.buffers())
+    assert not list(Reptile(MLP(), 0.01, 2).learned.buffers())
+    with pytest.raises(ValueError, match="unknown adam_state 'shared'"):
+        Reptile(MLP(), 1e-3, 2, inner_optimizer="adam", adam_state="shared")
 
 
 def test_reptile_with_one_step_is_lr_times_joint_training_gradient():

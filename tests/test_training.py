@@ -89,14 +89,39 @@ def test_bad_time_limits_are_named(bad):
         train(progress=False, time_limit=bad, **FAST)
 
 
-def test_resume_with_reptile_and_its_minibatch_rng(tmp_path):
+@pytest.mark.parametrize("inner", [{}, {"inner_optimizer": "adam", "inner_lr": 1e-3}])
+def test_resume_with_reptile_and_its_minibatch_rng(tmp_path, inner):
     # Constant schedule: a shorter first run would otherwise anneal the meta step faster.
-    cfg = dict(FAST, algorithm="reptile", inner_batch=5, schedule="constant")
+    # With Adam, its carried moments are part of the checkpoint.
+    cfg = dict(FAST, algorithm="reptile", inner_batch=5, schedule="constant", **inner)
     full = train(progress=False, checkpoint=tmp_path / "a.pt", **cfg)
     train(progress=False, checkpoint=tmp_path / "b.pt", **{**cfg, "iterations": 10})
     resumed = train(progress=False, checkpoint=tmp_path / "b.pt", resume=True, **cfg)
     for n, p in params_of(full.model).items():
         torch.testing.assert_close(p, params_of(resumed.model)[n], rtol=0, atol=0)
+    if inner:
+        state = resumed.learner.learned.state_dict()
+        cfg_ = full.config
+        assert state["adam_t"].item() == cfg_.iterations * cfg_.meta_batch * cfg_.inner_steps
+        for k, v in full.learner.learned.state_dict().items():
+            torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+
+
+def test_a_reptile_adam_checkpoint_from_before_the_carried_state_resumes_as_task(tmp_path):
+    # Saved configs without inner_adam_state restarted Adam for every task.
+    cfg = dict(FAST, algorithm="reptile", inner_optimizer="adam", inner_lr=1e-3,
+               iterations=10, inner_adam_state="task")
+    train(progress=False, checkpoint=tmp_path / "a.pt", **cfg)
+    state = load_checkpoint(tmp_path / "a.pt")
+    del state["config"]["inner_adam_state"]
+    save_checkpoint(tmp_path / "a.pt", state)
+    done = train(progress=False, checkpoint=tmp_path / "a.pt", resume=True,
+                 **{**cfg, "iterations": 12})
+    assert done.iteration == 12 and done.config.inner_adam_state == "task"
+    with pytest.raises(CheckpointError, match="inner_adam_state: checkpoint 'task' vs now "
+                                              "'carried'"):
+        train(progress=False, checkpoint=tmp_path / "a.pt", resume=True,
+              **{**cfg, "iterations": 14, "inner_adam_state": None})
 
 
 def test_resume_from_a_different_config_is_refused(tmp_path):

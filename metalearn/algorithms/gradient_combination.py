@@ -112,7 +112,8 @@ class GradientCombination(Reptile):
             gradients, only the iterates they are taken at depend on the optimiser.
         sampling: ``"cycle"`` or ``"replacement"``.
         **kwargs: ``adam_betas``, ``adam_eps``, ``inner_flood``, ``flood_mode``,
-            ``label_smoothing``, ``generator``: as for :class:`~metalearn.Reptile`.
+            ``label_smoothing``, ``generator``: as for :class:`~metalearn.Reptile`. Its inner
+            Adam starts fresh for every task (Reptile's ``adam_state="task"``).
 
     :meth:`adapt` (and so :func:`metalearn.evaluate`) is Reptile's: mini-batch SGD/Adam on
     the support set.
@@ -145,8 +146,11 @@ class GradientCombination(Reptile):
         sampling: str = "cycle",
         **kwargs: Any,
     ) -> None:
+        if "adam_state" in kwargs:
+            raise TypeError("GradientCombination's inner Adam starts fresh for every task; "
+                            "adam_state does not apply")
         super().__init__(model, inner_lr, inner_steps, inner_batch, inner_optimizer, sampling,
-                         **kwargs)
+                         adam_state="task", **kwargs)
         if tail not in TAILS:
             raise ValueError(f"unknown tail {tail!r}; choose one of {TAILS}")
         self.use = parse_use(use, self.inner_steps)

@@ -5,7 +5,8 @@ A learner writes its inner loop as ``inner_loop(loss, params, steps, update)`` f
 and ``vmap``\\ s it over tasks. ``loss(params, step, order)`` is the task's loss at inner
 step ``step``, with ``order`` passed on to the functional model (how the forward will be
 differentiated, :mod:`metalearn.kernels`). An update rule is a function
-``update(step, params, grads, state) -> (params, state)``; ``state`` starts as ``None``.
+``update(step, params, grads, state) -> (params, state)``; ``state`` starts as ``None``
+unless the loop is given one (Reptile's inner Adam carried across tasks).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ Rate = float | Callable[[str, int], "torch.Tensor | float"]
 
 
 def inner_loop(loss: Loss, params: Params, steps: int, update: Update, *,
-               first_order: bool = False, trajectory: bool = False
-               ) -> Params | tuple[Params, list[Params]]:
+               first_order: bool = False, trajectory: bool = False, state: Any = None,
+               return_state: bool = False):
     """Take ``steps`` steps of ``update`` on the gradient of ``loss``, from ``params``.
 
     Args:
@@ -38,10 +39,13 @@ def inner_loop(loss: Loss, params: Params, steps: int, update: Update, *,
             Reptile, evaluation). Otherwise the result stays differentiable in ``params``
             through every inner gradient, to second order (MAML).
         trajectory: also return the weights after each step.
+        state: the update rule's state to start from (``None``: its fresh state).
+        return_state: also return the update rule's state after the last step.
 
     Returns:
         The adapted weights, or ``(adapted, [weights after step 1, ..., after step K])``
-        with ``trajectory=True``.
+        with ``trajectory=True``; with ``return_state=True``, a tuple of those and the
+        final state.
 
     Example:
         >>> import torch
@@ -51,7 +55,7 @@ def inner_loop(loss: Loss, params: Params, steps: int, update: Update, *,
         >>> float(w)                 # 0 -> 1.5 -> 2.25: half the way each step
         2.25
     """
-    state, path = None, []
+    path = []
     for step in range(steps):
         if first_order:
             with torch.no_grad():
@@ -61,7 +65,8 @@ def inner_loop(loss: Loss, params: Params, steps: int, update: Update, *,
         params, state = update(step, params, g, state)
         if trajectory:
             path.append(params)
-    return (params, path) if trajectory else params
+    out = (params, path) if trajectory else params
+    return (out, state) if return_state else out
 
 
 def sgd(lr: Rate) -> Update:
@@ -77,22 +82,29 @@ def sgd(lr: Rate) -> Update:
 
 
 def adam(lr: float, betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8) -> Update:
-    """Adam with bias correction, its moments starting at zero for every task (the Reptile
-    reference code's inner optimiser, with ``beta1 = 0``)."""
+    """Adam with bias correction (the Reptile reference code's inner optimiser, with
+    ``beta1 = 0``).
+
+    Its state is ``(m, v, t)``: the two moments (dicts like the weights) and the number of
+    steps taken, which the bias correction uses. Fresh, the moments are zero and ``t`` is
+    0; :func:`inner_loop` can start it from a given state instead, as Reptile does to carry
+    the moments across tasks (``t`` may then be a tensor).
+    """
     b1, b2 = betas
 
     def update(step: int, params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
         if state is None:
             state = ({n: torch.zeros_like(p) for n, p in params.items()},
-                     {n: torch.zeros_like(p) for n, p in params.items()})
-        m, v = state
+                     {n: torch.zeros_like(p) for n, p in params.items()}, 0)
+        m, v, t = state
+        t = t + 1
         m = {n: b1 * m[n] + (1 - b1) * grads[n] for n in params}
         v = {n: b2 * v[n] + (1 - b2) * grads[n] * grads[n] for n in params}
         new = {}
         for n in params:
-            m_hat = m[n] / (1 - b1 ** (step + 1))
-            v_hat = v[n] / (1 - b2 ** (step + 1))
+            m_hat = m[n] / (1 - b1 ** t)
+            v_hat = v[n] / (1 - b2 ** t)
             new[n] = params[n] - lr * m_hat / (v_hat.sqrt() + eps)
-        return new, (m, v)
+        return new, (m, v, t)
 
     return update
