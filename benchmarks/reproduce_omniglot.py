@@ -12,7 +12,9 @@ the latest checkpoint, which ``train`` writes atomically at every validation. Fi
 from a worktree), named after the algorithm and the task (``maml_omniglot_5w1s``):
 
 - ``<stem>.pt``: the latest state (resume), ``<stem>.best.pt``: the best validation model,
-  loadable by ``Conv4(5).load_state_dict(torch.load(path)["model"])``;
+  loadable by ``Conv4(5).load_state_dict(torch.load(path)["model"])``; Reptile's also holds
+  the inner Adam state carried across tasks (``["learner"]``: ``adam_m__*``, ``adam_v__*``,
+  ``adam_t``), which its test-time adaptation starts from, as in the reference code;
 - ``<stem>.jsonl``: the training log (train loss every 50 iterations, validation every 500);
 - ``<stem>.cpu.jsonl``: once a minute, how many cores this process and all others used,
   so that the result can say which share of its wall-clock shared the CPU;
