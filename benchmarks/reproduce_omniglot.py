@@ -37,7 +37,7 @@ HowToTrainYourMAMLPytorch's Omniglot 5w1s config (metalearn's preset: learned in
 from 0.1, 5 steps, meta-batch 8, cosine over 50,000 iterations, 5 test steps) and
 ``imaml`` as aravindr93/imaml_dev's Omniglot example (16 plain steps at 0.1 then one
 pull-back step at lambda 2, 5 CG steps with cg_damping 1 and lam_damping 10, meta-batch
-32, 20,000 iterations; tested with lambda 0 and 16 steps).
+32, Adam at 1e-3 with epsilon 1e-3, 20,000 iterations; tested with lambda 0 and 16 steps).
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ RUNS = {
                    val_every=500),
     "imaml": dict(COMMON, algorithm="imaml", shots=1, queries=1, iterations=20_000,
                   val_every=500, imaml_lambda=2.0, inner_lr=0.1, cg_steps=5,
-                  imaml_inner_solve="pullback", cg_damping=1.0, lam_damping=10.0),
+                  imaml_inner_solve="pullback", cg_damping=1.0, lam_damping=10.0,
+                  outer_eps=1e-3),
 }
 # Runs whose first-order inner loops go through torch.compile (`metalearn train --compile`):
 # Reptile's training step is 1.49x faster so (benchmarks/results/compile_regions.json,

@@ -114,6 +114,8 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
     o.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS)
     o.add_argument("--outer-lr", type=_positive_float, help="meta learning rate (Reptile: the "
                    "meta step size epsilon)")
+    o.add_argument("--outer-eps", type=_positive_float, help="the outer Adam's epsilon "
+                   "(default 1e-8; iMAML's reference code uses 1e-3)")
     o.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
     o.add_argument("--schedule", choices=SCHEDULES, help="meta lr schedule (Reptile: linear)")
     v = p.add_argument_group("MAML variants (each option applies only to its algorithm)")
@@ -176,8 +178,8 @@ def _config_from(args: argparse.Namespace, **extra) -> TrainConfig:
     keys = ("dataset", "ways", "shots", "queries", "meta_batch", "iterations", "data_root",
             "inner_lr", "inner_steps", "inner_batch", "inner_optimizer", "inner_adam_state",
             "inner_flood", "flood_mode", "outer_flood", "label_smoothing", "outer_optimizer",
-            "outer_lr", "weight_decay", "schedule", "init", "dropout", "backbone", "seed",
-            "device")
+            "outer_lr", "outer_eps", "weight_decay", "schedule", "init", "dropout", "backbone",
+            "seed", "device")
     keys += ("first_order", "anil_inner", "imaml_lambda", "cg_steps", "imaml_inner_solve",
              "cg_damping", "lam_damping", "lslr", "multi_step_loss", "msl_iterations",
              "first_order_iterations", "per_step_bn")

@@ -245,7 +245,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{name: (_integer(0), "an integer >= 0") for name in (
         "inner_steps", "eval_steps", "cg_steps", "first_order_iterations")},
     **{name: (_finite(0, True), "a finite number > 0") for name in (
-        "inner_lr", "outer_lr", "imaml_lambda")},
+        "inner_lr", "outer_lr", "imaml_lambda", "outer_eps")},
     **{name: (_finite(0, False), "a finite number >= 0") for name in (
         "weight_decay", "dropout", "label_smoothing", "inner_flood", "outer_flood",
         "cg_damping", "lam_damping")},
@@ -295,6 +295,8 @@ class TrainConfig:
         outer_flood: flood level b of the meta-training (query) loss.
         outer_optimizer: ``"sgd"``, ``"momentum"``, ``"adagrad"`` or ``"adam"``.
         outer_lr: the meta learning rate (Reptile: the meta step size epsilon).
+        outer_eps: the outer Adam's epsilon (default 1e-8; iMAML's reference code uses
+            1e-3).
         weight_decay: the outer optimiser's L2 term.
         schedule: the meta learning rate over the run: ``"constant"``, ``"linear"`` (to 0)
             or ``"cosine"``.
@@ -360,6 +362,7 @@ class TrainConfig:
     outer_flood: float | None = None
     outer_optimizer: str | None = None
     outer_lr: float | None = None
+    outer_eps: float | None = None
     weight_decay: float = 0.0
     schedule: str | None = None
     init: str = "xavier"
@@ -466,6 +469,9 @@ class TrainConfig:
                 raise ValueError(f"ways={self.ways} exceeds the {bench.val_classes} classes of "
                                  f"the {bench.name} validation split; use ways <= "
                                  f"{bench.val_classes}")
+        if self.outer_eps is not None and self.outer_optimizer != "adam":
+            raise ValueError(f"outer_eps is Adam's epsilon; it applies to outer_optimizer="
+                             f"'adam' only, not {self.outer_optimizer!r}: leave it unset")
         if self.backbone == "conv4" and self.dataset == "sine":
             raise ValueError("backbone='conv4' is for images; sine uses the MLP: leave "
                              "backbone unset")
@@ -514,7 +520,7 @@ class TrainConfig:
 # Settings added after runs were saved that to_dict() leaves out while unset (a saved config
 # without one reads back as None: from_dict's default, and the resume check's .get()).
 OMITTED_WHEN_UNSET = ("train_classes", "backbone", "imaml_inner_solve", "cg_damping",
-                      "lam_damping", "inner_adam_state")
+                      "lam_damping", "inner_adam_state", "outer_eps")
 
 
 def upgraded(saved: dict) -> dict:
@@ -621,7 +627,8 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
     if cfg.outer_optimizer == "adagrad":
         return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)
-    return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    eps = 1e-8 if cfg.outer_eps is None else cfg.outer_eps
+    return torch.optim.Adam(params, lr=lr, weight_decay=wd, eps=eps)
 
 
 def build_schedule(cfg: TrainConfig, optimizer) -> torch.optim.lr_scheduler.LambdaLR:

@@ -13,6 +13,7 @@ from metalearn.config import (
     TrainConfig,
     build_learner,
     build_model,
+    build_optimizer,
 )
 
 SAMPLE = {"first_order": True, "anil_inner": "classifier", "imaml_lambda": 2.0, "cg_steps": 3,
@@ -109,3 +110,14 @@ def test_backbone_resnet12_for_the_rgb_benchmarks_only():
         TrainConfig(dataset="sine", backbone="conv4").resolved()
     with pytest.raises(ValueError, match="backbone must be one of"):
         TrainConfig(dataset="fc100", backbone="vit").resolved()
+
+
+def test_outer_eps_reaches_adam_and_is_refused_for_other_optimizers():
+    cfg = TrainConfig(algorithm="imaml", outer_eps=1e-3).resolved()
+    assert build_optimizer(cfg, build_model(cfg).parameters()).defaults["eps"] == 1e-3
+    default = TrainConfig().resolved()
+    assert build_optimizer(default, build_model(default).parameters()).defaults["eps"] == 1e-8
+    assert "outer_eps" not in default.to_dict()  # saved configs of older runs unchanged
+    with pytest.raises(ValueError, match="outer_eps is Adam's epsilon; it applies to "
+                                         "outer_optimizer='adam' only, not 'sgd'"):
+        TrainConfig(algorithm="reptile", outer_eps=1e-3).resolved()
