@@ -75,15 +75,23 @@ def reptile_loop(model, batch, inner_lr, steps, indices=None, optimizer="sgd",
             opt = torch.optim.SGD(net.parameters(), lr=inner_lr)
         else:
             opt = torch.optim.Adam(net.parameters(), lr=inner_lr, betas=betas, eps=eps)
-        for t in range(steps):
-            x, y = batch.support_x[i], batch.support_y[i]
-            if indices is not None:
-                x, y = x[indices[i, t]], y[indices[i, t]]
-            opt.zero_grad()
-            losses_of(net(x), y).mean().backward()
-            opt.step()
+        _adapt_task(net, opt, batch, i, steps, indices)
         phis.append({n: p.detach().clone() for n, p in net.named_parameters()})
     return {n: theta[n] - torch.stack([phi[n] for phi in phis]).mean(0) for n in theta}
+
+
+def _adapt_task(net, opt, batch, i, steps, indices=None, grads=None):
+    """``steps`` steps of ``opt`` on task ``i``'s support set (its mini-batches where
+    ``indices`` gives them); each step's gradients appended to ``grads`` if given."""
+    for t in range(steps):
+        x, y = batch.support_x[i], batch.support_y[i]
+        if indices is not None:
+            x, y = x[indices[i, t]], y[indices[i, t]]
+        opt.zero_grad()
+        losses_of(net(x), y).mean().backward()
+        if grads is not None:
+            grads.append({n: p.grad.detach().clone() for n, p in net.named_parameters()})
+        opt.step()
 
 
 def reptile_loop_carried_adam(model, batch, inner_lr, steps, state, indices=None,
@@ -109,14 +117,7 @@ def reptile_loop_carried_adam(model, batch, inner_lr, steps, state, indices=None
         for n, p in net.named_parameters():
             opt.state[p] = {"step": torch.tensor(float(t0)), "exp_avg": m0[n].clone(),
                             "exp_avg_sq": v0[n].clone()}
-        for t in range(steps):
-            x, y = batch.support_x[i], batch.support_y[i]
-            if indices is not None:
-                x, y = x[indices[i, t]], y[indices[i, t]]
-            opt.zero_grad()
-            losses_of(net(x), y).mean().backward()
-            grads.append({n: p.grad.detach().clone() for n, p in net.named_parameters()})
-            opt.step()
+        _adapt_task(net, opt, batch, i, steps, indices, grads)
         phis.append({n: p.detach().clone() for n, p in net.named_parameters()})
     b1, b2 = betas
     m = {n: t.clone() for n, t in m0.items()}
