@@ -26,7 +26,7 @@ Rate = float | Callable[[str, int], "torch.Tensor | float"]
 
 def inner_loop(loss: Loss, params: Params, steps: int, update: Update, *,
                first_order: bool = False, trajectory: bool = False, state: Any = None,
-               return_state: bool = False):
+               return_state: bool = False) -> Params | tuple[Any, ...]:
     """Take ``steps`` steps of ``update`` on the gradient of ``loss``, from ``params``.
 
     Args:
