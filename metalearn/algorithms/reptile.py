@@ -40,6 +40,12 @@ def minibatch_indices(
     raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
 
 
+def _moment_key(moment: str, name: str) -> str:
+    """The buffer holding Adam's carried moment ``"m"`` or ``"v"`` of parameter ``name``
+    (buffer names cannot contain dots)."""
+    return f"adam_{moment}__{name.replace('.', '__')}"
+
+
 class Reptile(MetaLearner):
     """Reptile: move the initialisation towards the weights each task adapts to.
 
@@ -141,9 +147,9 @@ class Reptile(MetaLearner):
         self.generator = generator
         if self.carries_adam_state:
             for name, p in self.fmodel.params().items():
-                key = name.replace(".", "__")
-                self.learned.register_buffer(f"adam_m__{key}", torch.zeros_like(p.detach()))
-                self.learned.register_buffer(f"adam_v__{key}", torch.zeros_like(p.detach()))
+                for moment in ("m", "v"):
+                    self.learned.register_buffer(_moment_key(moment, name),
+                                                 torch.zeros_like(p.detach()))
             self.learned.register_buffer("adam_t", torch.zeros((), dtype=torch.float64))
 
     @property
@@ -157,8 +163,8 @@ class Reptile(MetaLearner):
             return None
         buffers = dict(self.learned.named_buffers())
         names = self.fmodel.params()
-        m = {n: buffers[f"adam_m__{n.replace('.', '__')}"] for n in names}
-        v = {n: buffers[f"adam_v__{n.replace('.', '__')}"] for n in names}
+        m = {n: buffers[_moment_key("m", n)] for n in names}
+        v = {n: buffers[_moment_key("v", n)] for n in names}
         return m, v, buffers["adam_t"]
 
     def _fold_in(self, ends: tuple[Params, Params, torch.Tensor], steps: int,
