@@ -173,3 +173,30 @@ def test_readme_links_resolve():
         assert target.exists(), f"README links {link}, which does not exist"
         if anchor:
             assert anchor in _anchors(target), f"README links {link}: no such heading"
+
+
+def test_docs_plots_show_in_the_repository_and_the_site():
+    """Each page links its plots where they are committed (so a page read as a repository
+    file shows them), and the build hook points those links at the site's copies."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import mkdocs_hooks
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    docs = ROOT / "docs"
+    found = 0
+    for page in sorted(docs.rglob("*.md")):
+        src_uri = page.relative_to(docs).as_posix()
+        markdown = page.read_text()
+        for link in re.findall(r"\]\(([^)\s]+\.png)\)", markdown):
+            found += 1
+            plot = (page.parent / link).resolve()
+            assert plot.is_file() and plot.is_relative_to(mkdocs_hooks.RESULTS), (
+                f"{src_uri} links {link}, which is not a plot under benchmarks/results")
+            rewritten = mkdocs_hooks.rewrite_plot_links(f"![p]({link})", src_uri)
+            target = re.fullmatch(r"!\[p\]\((.+)\)", rewritten).group(1)
+            site_copy = docs / mkdocs_hooks.asset_path(plot)
+            assert (page.parent / target).resolve() == site_copy.resolve()
+    assert found >= 10
+    # A link that is not a plot under benchmarks/results is left as it is.
+    assert mkdocs_hooks.rewrite_plot_links("![x](img/a.png)", "index.md") == "![x](img/a.png)"
