@@ -1,6 +1,7 @@
-"""The README's results table quotes the committed result files: each row's figure and
-budget are read here from the file its linked section names, so a rerun that changes a
-file, or an edit that changes a figure, cannot leave the two disagreeing."""
+"""The results tables of the README and of the Reproductions page quote the committed
+result files: each row's figure and budget are read here from the file its linked section
+names, so a rerun that changes a file, or an edit that changes a figure, cannot leave the
+two disagreeing."""
 
 from __future__ import annotations
 
@@ -35,12 +36,20 @@ ROWS = {
 }
 
 
-def _readme_rows() -> dict[str, list[str]]:
+# The Reproductions page's summary table names its rows more briefly.
+PAGE_LABELS = {"Sine, K = 10, MAML, MSE after 10 steps": "Sine, K = 10, MAML"}
+PAGES = ["README.md", "docs/reproductions.md"]
+
+
+def _rows(page: str) -> dict[str, list[str]]:
+    """The results table's rows of ``page`` by the README's label: budget, ours, paper."""
     rows = {}
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in (ROOT / page).read_text().splitlines():
         match = re.match(r"\| \[([^\]]+)\]\([^)]+\) \|(.*)\|$", line)
         if match:
-            rows[match.group(1)] = [cell.strip() for cell in match.group(2).split("|")]
+            label = PAGE_LABELS.get(match.group(1), match.group(1))
+            label = re.sub(r"Omniglot (\d+)w(\d+)s", r"Omniglot \1-way \2-shot", label)
+            rows[label] = [cell.strip() for cell in match.group(2).split("|")]
     return rows
 
 
@@ -61,19 +70,21 @@ def _quoted(spec) -> tuple[str, int]:
             iterations)
 
 
-def test_every_numeric_row_is_checked():
-    numeric = {label for label, cells in _readme_rows().items() if "±" in cells[1]}
-    assert numeric, "the README's results table was not found"
-    assert numeric <= ROWS.keys(), f"rows with no result file to check: {numeric - ROWS.keys()}"
+@pytest.mark.parametrize("page", PAGES)
+def test_every_numeric_row_is_checked(page):
+    numeric = {label for label, cells in _rows(page).items() if "±" in cells[1]}
+    assert numeric, f"{page}: the results table was not found"
+    assert numeric <= ROWS.keys(), f"{page}: rows with no file to check: {numeric - ROWS.keys()}"
 
 
+@pytest.mark.parametrize("page", PAGES)
 @pytest.mark.parametrize("label", sorted(ROWS))
-def test_row_quotes_its_result_file(label):
-    rows = _readme_rows()
-    assert label in rows, f"the README's results table has no row {label!r}"
+def test_row_quotes_its_result_file(page, label):
+    rows = _rows(page)
+    assert label in rows, f"{page}: the results table has no row {label!r}"
     budget, ours = rows[label][0], rows[label][1]
     figure, iterations = _quoted(ROWS[label])
     assert figure in ours.replace("*", ""), (
-        f"{label}: README says {ours}, {ROWS[label][0]} says {figure}")
-    assert budget.replace("*", "").startswith(f"{iterations:,} /"), (
-        f"{label}: README's budget {budget}, the file's run {iterations:,} iterations")
+        f"{page}, {label}: the page says {ours}, {ROWS[label][0]} says {figure}")
+    assert re.match(rf"{iterations:,}\b(?!,)", budget.replace("*", "")), (
+        f"{page}, {label}: the page's budget {budget}, the file's run {iterations:,} iterations")
