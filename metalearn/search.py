@@ -193,6 +193,11 @@ def search(
 ) -> SearchResult:
     """Train one run per point of ``space`` (and per seed), and rank them on validation.
 
+    Every point is scored on the same validation tasks, defined by ``base`` (its
+    ``eval_shots`` and ``eval_queries`` as resolved), even where a point changes a setting
+    they would otherwise follow, such as ``queries``. Every point's settings are checked
+    before the first trial runs, so a bad value fails at once.
+
     With a model, task samplers, a loss or a metric of your own (as for
     :func:`~metalearn.training.train`), every trial starts from the same state of them:
     a copy of ``model`` as given, and the samplers put back to the state they were given
