@@ -249,6 +249,10 @@ def status(stem: Path) -> str:
         left = remaining_seconds(stem, name)
         line += (f"; budget {WALL_CLOCK[name] / 3600:.2f} idle-equivalent h, "
                  f"{max(left, 0) / 3600:.2f} h left")
+    elif it < total and (idle := run_idle_rate(stem)):
+        rate = idle["seconds_per_iteration"]
+        line += (f"; about {(total - it) * rate / 3600:.1f} h left on an idle CPU "
+                 f"({rate:.3f} s/iteration)")
     if stem.with_suffix(".json").exists():
         line += "; finished, evaluated"
     return line
