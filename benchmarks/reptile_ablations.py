@@ -45,7 +45,9 @@ meta step annealed over the shorter run, and fewer test tasks for d); ``--full``
 tasks) that prints the measured seconds per iteration and an estimate of the default run's
 time. Writes ``{out-dir}/{name}.json`` and ``.png`` (default out-dir benchmarks/results,
 name ``reptile_ablations_{study}``) after every run; ``--resume`` keeps the runs a stopped
-study already wrote there (same settings) and trains only the rest. ``--compile`` runs the
+study already wrote there (same settings) and trains only the rest, continuing the run it
+was stopped in from its last validation (its state is saved in ``{name}.partial/`` at
+every validation, and removed when the run ends). ``--compile`` runs the
 inner loops and evaluation's adaptation through ``torch.compile`` (1.7-1.9x faster on these
 small tasks, ``benchmarks/results/compile_regions.json``).
 """
@@ -182,7 +184,11 @@ def final_accuracy(learner: Reptile, tasks: TaskBatch, device: str, chunk: int =
 
 
 def train_run(run: Run, seed: int, iterations: int, val: TaskBatch, test: TaskBatch,
-              val_every: int, device: str, meta_batch: int) -> dict:
+              val_every: int, device: str, meta_batch: int, partial: Path | None = None,
+              partial_key: dict | None = None) -> dict:
+    """Train and test one run. With ``partial``, its state is saved there (atomically) at
+    every validation and a run stopped part-way continues from it exactly, if it was saved
+    under the same ``partial_key`` (settings and commit); the file goes when the run ends."""
     torch.manual_seed(seed)
     model = Conv4(ways=WAYS).to(device)
     learner = GradientCombination(model, INNER_LR, run.steps, inner_batch=run.batch, use=run.use,
@@ -193,8 +199,22 @@ def train_run(run: Run, seed: int, iterations: int, val: TaskBatch, test: TaskBa
     base_lr = META_STEP * INNER_LR
     opt = torch.optim.SGD(model.parameters(), lr=base_lr)
     sampler = PoolSampler(run, seed)
-    curve, step_seconds, last = [], [], {}
-    for it in range(iterations):
+    curve, step_seconds, last, start = [], [], {}, 0
+    key = {"config": run.name, "seed": seed, "iterations": iterations, "val_every": val_every,
+           "meta_batch": meta_batch, **(partial_key or {})}
+    if partial is not None and partial.exists():
+        saved = torch.load(partial, weights_only=False)
+        if saved["key"] == key:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            learner.generator.set_state(saved["generator"])
+            sampler.tasks.load_state_dict(saved["sampler"])
+            curve, step_seconds, start = saved["curve"], saved["step_seconds"], saved["iteration"]
+            print(f"{run.name} seed {seed}: continuing from iteration {start}", flush=True)
+        else:
+            print(f"{run.name} seed {seed}: {partial} was saved with other settings; "
+                  "starting the run again", flush=True)
+    for it in range(start, iterations):
         t0 = time.perf_counter()
         # --meta-step-final 0: linear from the meta step at i = 0 towards 0 at i = iterations.
         opt.param_groups[0]["lr"] = base_lr * (1 - it / iterations)
@@ -207,8 +227,17 @@ def train_run(run: Run, seed: int, iterations: int, val: TaskBatch, test: TaskBa
             acc, ci = final_accuracy(evaluator, val, device)
             curve.append({"iteration": it + 1, "accuracy": acc, "ci95": ci,
                           "train_loss": last["loss"], "eval_seconds": time.perf_counter() - t1})
+            if partial is not None and it + 1 < iterations:
+                state = {"key": key, "iteration": it + 1, "model": model.state_dict(),
+                         "optimizer": opt.state_dict(), "generator": learner.generator.get_state(),
+                         "sampler": sampler.tasks.state_dict(), "curve": curve,
+                         "step_seconds": step_seconds}
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(partial, lambda f, st=state: torch.save(st, f))
     t1 = time.perf_counter()
     test_result = score(evaluator, test, device)
+    if partial is not None:
+        partial.unlink(missing_ok=True)
     warm = step_seconds[len(step_seconds) // 4:]
     return {"study": run.study, "config": run.name, "seed": seed, "iterations": iterations,
             "inner_steps": run.steps, "inner_batch": run.batch,
@@ -248,8 +277,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="inner loops and evaluation's adaptation through torch.compile")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs already in the results file (same settings) and "
-                             "train only the others")
+                        help="keep the runs already in the results file (same settings), "
+                             "continue the one in progress from its last validation, and "
+                             "train the others")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: a few iterations per config; prints s/iteration and "
                              "the default run's estimated time")
@@ -292,9 +322,13 @@ def main() -> None:
             for run in plan["runs"]:
                 if (run.name, seed) in done:
                     continue
+                partial = (partial_dir(args, study) / f"{run.name}-seed{seed}.pt"
+                           if args.resume else None)
                 with kernel_settings(compile=args.compile):
                     row = train_run(run, seed, plan["iterations"], plan["val"], plan["test"],
-                                    plan["val_every"], args.device, args.meta_batch)
+                                    plan["val_every"], args.device, args.meta_batch, partial,
+                                    {"commit": started["commit"], "device": args.device,
+                                     "compile": args.compile, "val_tasks": len(plan["val"])})
                 rows.append(row)
                 t = row["test"]
                 print(f"[{study}] {run.name:34s} seed {seed}: test "
@@ -309,6 +343,11 @@ def main() -> None:
 
 def results_path(args: argparse.Namespace, study: str) -> Path:
     return args.out_dir / f"{args.name or f'reptile_ablations_{study}'}.json"
+
+
+def partial_dir(args: argparse.Namespace, study: str) -> Path:
+    """Where ``--resume`` keeps the state of the run in progress (``<name>.partial/``)."""
+    return results_path(args, study).with_suffix(".partial")
 
 
 # What a resumed study must share with the file it continues (the code too: its commit).

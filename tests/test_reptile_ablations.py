@@ -1,0 +1,54 @@
+"""benchmarks/reptile_ablations.py: a run stopped part-way continues from its last
+validation exactly as if it had not stopped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import reptile_ablations as ra
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_stopped_run_continues_exactly(omniglot_images, tmp_path, monkeypatch):
+    (run,) = [r for r in ra.study_d_runs() if r.name == "fomaml-shared-cycle-k2-b25"]
+    val = ra.eval_tasks("val", 2, 1, seed=1)
+    test = ra.eval_tasks("test", 2, 1, seed=2)
+    key = {"commit": "abc", "device": "cpu", "compile": False, "val_tasks": 2}
+
+    def train(partial=None, partial_key=key):
+        return ra.train_run(run, 0, 6, val, test, 2, "cpu", 1, partial, partial_key)
+
+    whole = train()
+    partial = tmp_path / "run.pt"
+    sample, calls = ra.PoolSampler.sample, []
+
+    def stop_at_the_fifth_iteration(self, n):
+        calls.append(n)
+        if len(calls) == 5:
+            raise Stop
+        return sample(self, n)
+
+    with monkeypatch.context() as m:
+        m.setattr(ra.PoolSampler, "sample", stop_at_the_fifth_iteration)
+        with pytest.raises(Stop):
+            train(partial)
+    assert torch.load(partial, weights_only=False)["iteration"] == 4  # the last validation
+    resumed = train(partial)
+    assert not partial.exists()  # gone once the run is done
+    assert resumed["test"] == whole["test"]
+    for a, b in zip(resumed["curve"], whole["curve"], strict=True):
+        assert (a["iteration"], a["accuracy"], a["train_loss"]) == (
+            b["iteration"], b["accuracy"], b["train_loss"])
+
+    # A state saved under other settings (another commit, say) is not continued.
+    with monkeypatch.context() as m:
+        calls.clear()
+        m.setattr(ra.PoolSampler, "sample", stop_at_the_fifth_iteration)
+        with pytest.raises(Stop):
+            train(partial)
+    other = train(partial, {**key, "commit": "def"})
+    assert other["test"] == whole["test"] and not partial.exists()
