@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: timing, result headers and atomic JSON output."""
+"""Shared by the benchmark scripts: timing, result headers, atomic JSON output, and the
+record of how much of a long run's time other processes used the CPU."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import math
 import os
 import statistics
 import sys
+import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -144,3 +147,64 @@ def paired(a: dict, b: dict) -> dict:
     if out["ci95"] is not None:
         out["low"], out["high"] = out["mean"] - out["ci95"], out["mean"] + out["ci95"]
     return out
+
+
+# -- sharing the CPU: long runs record how much of their time others used it ---------------
+# A minute in which other processes used more than this many cores counts as shared.
+SHARED_CORES = 0.25
+
+
+class CpuMonitor(threading.Thread):
+    """Once a minute, append how many cores this process and all others used (Linux)."""
+
+    def __init__(self, path: Path, period: float = 60.0):
+        super().__init__(daemon=True)
+        self.path, self.period = path, period
+        self.ticks = os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _busy() -> int:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+    @staticmethod
+    def _own() -> int:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime, all threads
+
+    def run(self) -> None:
+        if not Path("/proc/stat").exists():
+            return
+        busy, own, t = self._busy(), self._own(), time.monotonic()
+        while True:
+            time.sleep(self.period)
+            busy2, own2, t2 = self._busy(), self._own(), time.monotonic()
+            elapsed = t2 - t
+            own_cores = (own2 - own) / self.ticks / elapsed
+            other = max((busy2 - busy) / self.ticks / elapsed - own_cores, 0.0)
+            record = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "seconds": round(elapsed, 1), "own_cores": round(own_cores, 3),
+                      "other_cores": round(other, 3)}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            busy, own, t = busy2, own2, t2
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a last line cut short by a kill
+            continue
+    return rows
+
+
+def shared_share(cpu: list[dict]) -> float | None:
+    """The share of the monitored wall-clock in which other processes used the CPU."""
+    total = sum(r["seconds"] for r in cpu)
+    if not total:
+        return None
+    return sum(r["seconds"] for r in cpu if r["other_cores"] > SHARED_CORES) / total

@@ -44,17 +44,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import threading
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import header  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    SHARED_CORES,
+    CpuMonitor,
+    header,
+    read_jsonl,
+    shared_share,
+)
 from metalearn.checkpoint import atomic_write, load_checkpoint  # noqa: E402
 
 TASK = "omniglot_5w1s"
@@ -83,8 +86,6 @@ TEST_STEPS = {"maml": 10, "fomaml": 10, "reptile": 50, "mamlpp": 5, "imaml": 16}
 # Idle-equivalent seconds each variant trains for (see idle_rate): their learning curves
 # are compared with MAML's at equal wall-clock.
 WALL_CLOCK = {"mamlpp": 1.5 * 3600, "imaml": 1.5 * 3600}
-# A minute in which other processes used more than this many cores counts as shared.
-SHARED_CORES = 0.25
 
 
 def repository(path: Path) -> tuple[Path, str, bool]:
@@ -117,62 +118,6 @@ def cumulative_seconds(records: list[dict]) -> list[float | None]:
         last = s
         out.append(offset + s)
     return out
-
-
-class CpuMonitor(threading.Thread):
-    """Once a minute, append how many cores this process and all others used (Linux)."""
-
-    def __init__(self, path: Path, period: float = 60.0):
-        super().__init__(daemon=True)
-        self.path, self.period = path, period
-        self.ticks = os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _busy() -> int:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-
-    @staticmethod
-    def _own() -> int:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime, all threads
-
-    def run(self) -> None:
-        if not Path("/proc/stat").exists():
-            return
-        busy, own, t = self._busy(), self._own(), time.monotonic()
-        while True:
-            time.sleep(self.period)
-            busy2, own2, t2 = self._busy(), self._own(), time.monotonic()
-            elapsed = t2 - t
-            own_cores = (own2 - own) / self.ticks / elapsed
-            other = max((busy2 - busy) / self.ticks / elapsed - own_cores, 0.0)
-            record = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      "seconds": round(elapsed, 1), "own_cores": round(own_cores, 3),
-                      "other_cores": round(other, 3)}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            busy, own, t = busy2, own2, t2
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a last line cut short by a kill
-            continue
-    return rows
-
-
-def shared_share(cpu: list[dict]) -> float | None:
-    """The share of the monitored wall-clock in which other processes used the CPU."""
-    total = sum(r["seconds"] for r in cpu)
-    if not total:
-        return None
-    return sum(r["seconds"] for r in cpu if r["other_cores"] > SHARED_CORES) / total
 
 
 def idle_rate(log: list[dict], segments: list[dict], cpu: list[dict],

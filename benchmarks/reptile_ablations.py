@@ -47,7 +47,9 @@ time. Writes ``{out-dir}/{name}.json`` and ``.png`` (default out-dir benchmarks/
 name ``reptile_ablations_{study}``) after every run; ``--resume`` keeps the runs a stopped
 study already wrote there (same settings) and trains only the rest, continuing the run it
 was stopped in from its last validation (its state is saved in ``{name}.partial/`` at
-every validation, and removed when the run ends). ``--compile`` runs the
+every validation, and removed when the run ends). ``{name}.cpu.jsonl`` records once a
+minute how many cores other processes used, and each run's ``cpu_shared_share`` is the
+share of its minutes in which they used more than a quarter of one. ``--compile`` runs the
 inner loops and evaluation's adaptation through ``torch.compile`` (1.7-1.9x faster on these
 small tasks, ``benchmarks/results/compile_regions.json``).
 """
@@ -60,6 +62,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -67,7 +70,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, header, mean_ci, paired  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    SHARED_CORES,
+    CpuMonitor,
+    header,
+    mean_ci,
+    paired,
+    read_jsonl,
+    shared_share,
+)
 from metalearn import GradientCombination, Reptile, TaskBatch, evaluate  # noqa: E402
 from metalearn.checkpoint import atomic_write  # noqa: E402
 from metalearn.data import OmniglotTasks  # noqa: E402
@@ -199,7 +211,7 @@ def train_run(run: Run, seed: int, iterations: int, val: TaskBatch, test: TaskBa
     base_lr = META_STEP * INNER_LR
     opt = torch.optim.SGD(model.parameters(), lr=base_lr)
     sampler = PoolSampler(run, seed)
-    curve, step_seconds, last, start = [], [], {}, 0
+    curve, step_seconds, last, start, segments = [], [], {}, 0, []
     key = {"config": run.name, "seed": seed, "iterations": iterations, "val_every": val_every,
            "meta_batch": meta_batch, **(partial_key or {})}
     if partial is not None and partial.exists():
@@ -210,10 +222,12 @@ def train_run(run: Run, seed: int, iterations: int, val: TaskBatch, test: TaskBa
             learner.generator.set_state(saved["generator"])
             sampler.tasks.load_state_dict(saved["sampler"])
             curve, step_seconds, start = saved["curve"], saved["step_seconds"], saved["iteration"]
+            segments = saved["segments"]
             print(f"{run.name} seed {seed}: continuing from iteration {start}", flush=True)
         else:
             print(f"{run.name} seed {seed}: {partial} was saved with other settings; "
                   "starting the run again", flush=True)
+    segments.append([_now(), None])  # this process's stretch of the run: [start, end]
     for it in range(start, iterations):
         t0 = time.perf_counter()
         # --meta-step-final 0: linear from the meta step at i = 0 towards 0 at i = iterations.
@@ -227,15 +241,17 @@ def train_run(run: Run, seed: int, iterations: int, val: TaskBatch, test: TaskBa
             acc, ci = final_accuracy(evaluator, val, device)
             curve.append({"iteration": it + 1, "accuracy": acc, "ci95": ci,
                           "train_loss": last["loss"], "eval_seconds": time.perf_counter() - t1})
+            segments[-1][1] = _now()
             if partial is not None and it + 1 < iterations:
                 state = {"key": key, "iteration": it + 1, "model": model.state_dict(),
                          "optimizer": opt.state_dict(), "generator": learner.generator.get_state(),
                          "sampler": sampler.tasks.state_dict(), "curve": curve,
-                         "step_seconds": step_seconds}
+                         "step_seconds": step_seconds, "segments": segments}
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(partial, lambda f, st=state: torch.save(st, f))
     t1 = time.perf_counter()
     test_result = score(evaluator, test, device)
+    segments[-1][1] = _now()
     if partial is not None:
         partial.unlink(missing_ok=True)
     warm = step_seconds[len(step_seconds) // 4:]
@@ -248,7 +264,20 @@ def train_run(run: Run, seed: int, iterations: int, val: TaskBatch, test: TaskBa
             "seconds_per_iteration": sum(step_seconds) / iterations,
             # Without the first quarter's warm-up, which dominates short runs; the minimum
             # is the cost on an idle machine, the median the cost under the load there was.
-            "median_step_seconds": statistics.median(warm), "min_step_seconds": min(warm)}
+            "median_step_seconds": statistics.median(warm), "min_step_seconds": min(warm),
+            "segments": segments}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def cpu_shared_within(cpu: list[dict], segments: list[list[str]]) -> float | None:
+    """:func:`~benchmarks.common.shared_share` of the monitored minutes that ended within
+    the run's ``segments`` (``[start, end]`` UTC, one per process that trained it)."""
+    spans = [(datetime.fromisoformat(a), datetime.fromisoformat(b)) for a, b in segments]
+    return shared_share([r for r in cpu if any(a <= datetime.fromisoformat(r["utc"]) <= b
+                                               for a, b in spans)])
 
 
 def main() -> None:
@@ -313,8 +342,16 @@ def main() -> None:
         names = [r.name for s in studies for r in (study_c_runs() if s == "c" else study_d_runs())]
         parser.error(f"--configs {args.configs!r} matches no run; known: {names}")
     results = []
+    monitor = None
     for study, plan in plans.items():
         t_start = time.perf_counter()
+        cpu_log = results_path(args, study).with_suffix(".cpu.jsonl")
+        if not args.quick:  # once a minute, how much other processes used the CPU
+            cpu_log.parent.mkdir(parents=True, exist_ok=True)
+            if monitor is None:
+                monitor = CpuMonitor(cpu_log)
+                monitor.start()
+            monitor.path = cpu_log
         rows = previous_runs(args, study, plan, started) if args.resume else []
         done = {(r["config"], r["seed"]) for r in rows}
         total = len(seeds) * len(plan["runs"])
@@ -329,6 +366,8 @@ def main() -> None:
                                     plan["val_every"], args.device, args.meta_batch, partial,
                                     {"commit": started["commit"], "device": args.device,
                                      "compile": args.compile, "val_tasks": len(plan["val"])})
+                row["cpu_shared_share"] = cpu_shared_within(read_jsonl(cpu_log),
+                                                            row["segments"])
                 rows.append(row)
                 t = row["test"]
                 print(f"[{study}] {run.name:34s} seed {seed}: test "
@@ -336,6 +375,9 @@ def main() -> None:
                       f"{row['median_step_seconds']:.4f} s/it  ({len(rows)}/{total})", flush=True)
                 # Written after every run, so a long study stopped part-way keeps what it did.
                 write_study(args, study, plan, started, seeds, rows, t_start)
+        pending = partial_dir(args, study)
+        if pending.is_dir() and not any(pending.iterdir()):
+            pending.rmdir()  # no run left in progress
         results += rows
     if args.quick:
         report_timing(results, plans, len(seeds))
@@ -405,8 +447,10 @@ def write_study(args: argparse.Namespace, study: str, plan: dict, started: dict,
              reduced=not args.full, iterations=plan["iterations"],
              val_every=plan["val_every"], threads=torch.get_num_threads(),
              device=args.device, compile=args.compile, complete=len(rows) == planned,
-             runs_done=len(rows),
-             runs_planned=planned)
+             runs_done=len(rows), runs_planned=planned,
+             cpu_shared_rule=f"minutes in which other processes used > {SHARED_CORES} cores, "
+                             "over the minutes monitored within each run's segments "
+                             "(results[i].cpu_shared_share)")
     setup = {"study": study, "ways": WAYS, "shots": SHOTS, "inner_lr": INNER_LR,
              "inner_optimizer": "sgd", "meta_step": META_STEP, "meta_step_final": 0.0,
              "outer": "SGD, lr = meta_step * inner_lr, linear to 0",

@@ -52,3 +52,12 @@ def test_a_stopped_run_continues_exactly(omniglot_images, tmp_path, monkeypatch)
             train(partial)
     other = train(partial, {**key, "commit": "def"})
     assert other["test"] == whole["test"] and not partial.exists()
+
+
+def test_cpu_sharing_counts_the_minutes_within_the_runs_segments():
+    cpu = [{"utc": f"2026-01-01T00:0{m}:00+00:00", "seconds": 60.0, "other_cores": o}
+           for m, o in enumerate([0.0, 1.0, 1.0, 0.0, 0.1, 1.5])]
+    segments = [["2026-01-01T00:00:30+00:00", "2026-01-01T00:02:00+00:00"],  # minutes 1, 2
+                ["2026-01-01T00:03:00+00:00", "2026-01-01T00:04:10+00:00"]]  # minutes 3, 4
+    assert ra.cpu_shared_within(cpu, segments) == 0.5
+    assert ra.cpu_shared_within(cpu, [["2026-01-02T00:00:00+00:00"] * 2]) is None
