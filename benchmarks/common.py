@@ -182,7 +182,7 @@ class CpuMonitor(threading.Thread):
             elapsed = t2 - t
             own_cores = (own2 - own) / self.ticks / elapsed
             other = max((busy2 - busy) / self.ticks / elapsed - own_cores, 0.0)
-            record = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            record = {"utc": utc_now(),
                       "seconds": round(elapsed, 1), "own_cores": round(own_cores, 3),
                       "other_cores": round(other, 3)}
             with open(self.path, "a") as f:
@@ -208,3 +208,16 @@ def shared_share(cpu: list[dict]) -> float | None:
     if not total:
         return None
     return sum(r["seconds"] for r in cpu if r["other_cores"] > SHARED_CORES) / total
+
+
+def utc_now() -> str:
+    """The time now, UTC, as the CPU monitor writes it."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def cpu_shared_within(cpu: list[dict], segments: list[list[str]]) -> float | None:
+    """:func:`~benchmarks.common.shared_share` of the monitored minutes that ended within
+    the run's ``segments`` (``[start, end]`` UTC, one per process that trained it)."""
+    spans = [(datetime.fromisoformat(a), datetime.fromisoformat(b)) for a, b in segments]
+    return shared_share([r for r in cpu if any(a <= datetime.fromisoformat(r["utc"]) <= b
+                                               for a, b in spans)])

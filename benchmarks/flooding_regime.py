@@ -65,6 +65,9 @@ config, so runs of different budgets never share files and identical runs (the p
 seed-0 run at the chosen N and the sweep's b = 0 run) are trained once. The logs
 (``.jsonl``) and records are small and meant to be committed (``--commit`` commits them
 after every run); the checkpoints (``.pt``) are git-ignored. Runs go one at a time.
+``cpu.jsonl`` there records once a minute how many cores other processes used, and each
+run's record the share of its session's minutes in which they used more than a quarter of
+one (``cpu_shared_share``).
 """
 
 from __future__ import annotations
@@ -83,7 +86,16 @@ from torch.func import vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, header, mean_ci, paired  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    CpuMonitor,
+    cpu_shared_within,
+    header,
+    mean_ci,
+    paired,
+    read_jsonl,
+    utc_now,
+)
 from metalearn import evaluate, train  # noqa: E402
 from metalearn.bench import TEST_SEED  # noqa: E402
 from metalearn.checkpoint import atomic_write, load_checkpoint  # noqa: E402
@@ -278,7 +290,7 @@ def run(args, s: dict, index: str = "") -> dict:
     start = load_checkpoint(p["ckpt"])["iteration"] if resume else 0
     print(f"{what}: {'resuming at iteration ' + str(start) if resume else 'starting'} "
           f"({s['config'].iterations} iterations)", flush=True)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), utc_now()
     record = {"name": s["name"], "algorithm": s["algorithm"], "classes": s["classes"],
               "seed": s["seed"], "method": s["method"], "level": s["level"],
               "config": s["config"].to_dict()}
@@ -293,16 +305,19 @@ def run(args, s: dict, index: str = "") -> dict:
                       best=res.best)
     seconds = time.perf_counter() - t0
     done = record.get("iteration", start) - start
+    # The share of this session's minutes in which other processes used the CPU.
+    shared = cpu_shared_within(read_jsonl(args.runs / "cpu.jsonl"), [[started, utc_now()]])
     record.update(session_seconds=seconds, session_iterations=done,
                   seconds_per_iteration=seconds / done if done else None,
-                  threads=torch.get_num_threads())
+                  threads=torch.get_num_threads(), cpu_shared_share=shared)
     atomic_write(p["record"], lambda f: f.write(json.dumps(record, indent=1).encode()))
     points = curves(read_log(p["log"]))
     tail = (f"val peak {100 * max(q['val_accuracy'] for q in points):.1f}%, final "
             f"{100 * points[-1]['val_accuracy']:.1f}%" if points else "")
     print(f"{what}: {'DIVERGED' if 'diverged' in record else 'done'} in {seconds:.0f}s "
           f"({done} iterations) {tail}", flush=True)
-    commit(args, [p["log"], p["record"]], f"flooding_regime: run {s['name']}")
+    commit(args, [p["log"], p["record"], args.runs / "cpu.jsonl"],
+           f"flooding_regime: run {s['name']}")
     return record
 
 
@@ -848,6 +863,9 @@ def main(argv: list[str] | None = None) -> None:
         reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not (args.quick or args.plan):  # once a minute, how much others used the CPU
+        args.runs.mkdir(parents=True, exist_ok=True)
+        CpuMonitor(args.runs / "cpu.jsonl").start()
     phases = {"pilot": [pilot], "sweep": [sweep], "regularisers": [regularisers],
               "summary": [summary], "all": [pilot, sweep, regularisers, summary]}[args.phase]
     for phase in phases:

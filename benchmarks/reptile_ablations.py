@@ -62,7 +62,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -74,11 +73,12 @@ from benchmarks.common import (  # noqa: E402
     RESULTS,
     SHARED_CORES,
     CpuMonitor,
+    cpu_shared_within,
     header,
     mean_ci,
     paired,
     read_jsonl,
-    shared_share,
+    utc_now,
 )
 from metalearn import GradientCombination, Reptile, TaskBatch, evaluate  # noqa: E402
 from metalearn.checkpoint import atomic_write  # noqa: E402
@@ -227,7 +227,7 @@ def train_run(run: Run, seed: int, iterations: int, val: TaskBatch, test: TaskBa
         else:
             print(f"{run.name} seed {seed}: {partial} was saved with other settings; "
                   "starting the run again", flush=True)
-    segments.append([_now(), None])  # this process's stretch of the run: [start, end]
+    segments.append([utc_now(), None])  # this process's stretch of the run: [start, end]
     for it in range(start, iterations):
         t0 = time.perf_counter()
         # --meta-step-final 0: linear from the meta step at i = 0 towards 0 at i = iterations.
@@ -241,7 +241,7 @@ def train_run(run: Run, seed: int, iterations: int, val: TaskBatch, test: TaskBa
             acc, ci = final_accuracy(evaluator, val, device)
             curve.append({"iteration": it + 1, "accuracy": acc, "ci95": ci,
                           "train_loss": last["loss"], "eval_seconds": time.perf_counter() - t1})
-            segments[-1][1] = _now()
+            segments[-1][1] = utc_now()
             if partial is not None and it + 1 < iterations:
                 state = {"key": key, "iteration": it + 1, "model": model.state_dict(),
                          "optimizer": opt.state_dict(), "generator": learner.generator.get_state(),
@@ -251,7 +251,7 @@ def train_run(run: Run, seed: int, iterations: int, val: TaskBatch, test: TaskBa
                 atomic_write(partial, lambda f, st=state: torch.save(st, f))
     t1 = time.perf_counter()
     test_result = score(evaluator, test, device)
-    segments[-1][1] = _now()
+    segments[-1][1] = utc_now()
     if partial is not None:
         partial.unlink(missing_ok=True)
     warm = step_seconds[len(step_seconds) // 4:]
@@ -266,18 +266,6 @@ def train_run(run: Run, seed: int, iterations: int, val: TaskBatch, test: TaskBa
             # is the cost on an idle machine, the median the cost under the load there was.
             "median_step_seconds": statistics.median(warm), "min_step_seconds": min(warm),
             "segments": segments}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def cpu_shared_within(cpu: list[dict], segments: list[list[str]]) -> float | None:
-    """:func:`~benchmarks.common.shared_share` of the monitored minutes that ended within
-    the run's ``segments`` (``[start, end]`` UTC, one per process that trained it)."""
-    spans = [(datetime.fromisoformat(a), datetime.fromisoformat(b)) for a, b in segments]
-    return shared_share([r for r in cpu if any(a <= datetime.fromisoformat(r["utc"]) <= b
-                                               for a, b in spans)])
 
 
 def main() -> None:

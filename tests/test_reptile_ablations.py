@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks import reptile_ablations as ra
+from benchmarks.common import cpu_shared_within
 
 
 class Stop(Exception):
@@ -59,5 +60,5 @@ def test_cpu_sharing_counts_the_minutes_within_the_runs_segments():
            for m, o in enumerate([0.0, 1.0, 1.0, 0.0, 0.1, 1.5])]
     segments = [["2026-01-01T00:00:30+00:00", "2026-01-01T00:02:00+00:00"],  # minutes 1, 2
                 ["2026-01-01T00:03:00+00:00", "2026-01-01T00:04:10+00:00"]]  # minutes 3, 4
-    assert ra.cpu_shared_within(cpu, segments) == 0.5
-    assert ra.cpu_shared_within(cpu, [["2026-01-02T00:00:00+00:00"] * 2]) is None
+    assert cpu_shared_within(cpu, segments) == 0.5
+    assert cpu_shared_within(cpu, [["2026-01-02T00:00:00+00:00"] * 2]) is None
