@@ -20,14 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, header, write_json  # noqa: E402
+from benchmarks.common import RESULTS, header, read_jsonl, shared_share, write_json  # noqa: E402
 from benchmarks.reproduce_omniglot import (  # noqa: E402
     RUNS,
     TASK,
     cumulative_seconds,
-    read_jsonl,
     run_idle_rate,
-    shared_share,
 )
 from metalearn.checkpoint import atomic_write  # noqa: E402
 

@@ -1,7 +1,8 @@
 """The bookkeeping of the full-schedule runs (benchmarks/reproduce_omniglot.py): wall-clock
 across restarts, the share of it that shared the CPU, and time to accuracy."""
 
-from benchmarks.reproduce_omniglot import cumulative_seconds, shared_share
+from benchmarks.common import shared_share
+from benchmarks.reproduce_omniglot import cumulative_seconds
 from benchmarks.time_to_accuracy import first_reach
 
 
