@@ -22,6 +22,12 @@ to one JSON file even when a part fails:
 
 Writes benchmarks/results/{--out}.json (default ``gpu_check``; ``--device cpu`` writes
 ``gpu_check_dry_run`` unless told otherwise).
+
+The lent GPU machines carry their own PyTorch (2.11 with CUDA 13, Python 3.12, as the
+device tool's notes list it), not the project's pin, and cannot download one: run the
+script with their ``python3`` from the repository root, no install needed. With torch 2.11.0
+in a venv here (``pip install torch==2.11.0``, then ``pip install -e ".[dev]"``), the dry run
+and ``TEST_FILES`` on the CPU (``METALEARN_TEST_DEVICE=cpu``) pass.
 """
 
 from __future__ import annotations
