@@ -347,8 +347,12 @@ def main() -> None:
             for run in plan["runs"]:
                 if (run.name, seed) in done:
                     continue
-                partial = (partial_dir(args, study) / f"{run.name}-seed{seed}.pt"
-                           if args.resume else None)
+                # Saved at every validation, so that --resume can continue a stopped run;
+                # without --resume a run starts afresh.
+                partial = (None if args.quick
+                           else partial_dir(args, study) / f"{run.name}-seed{seed}.pt")
+                if partial is not None and not args.resume:
+                    partial.unlink(missing_ok=True)
                 with kernel_settings(compile=args.compile):
                     row = train_run(run, seed, plan["iterations"], plan["val"], plan["test"],
                                     plan["val_every"], args.device, args.meta_batch, partial,
