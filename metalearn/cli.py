@@ -75,7 +75,8 @@ def _algorithm_list(text: str) -> list[str]:
 
 def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
     g = p.add_argument_group("task")
-    g.add_argument("--dataset", choices=DATASETS, default="sine")
+    g.add_argument("--dataset", choices=DATASETS, default="sine",
+                   help="the task family (default sine, which needs no download)")
     g.add_argument("--ways", type=_positive_int, default=5,
                    help="classes per task (the image datasets; default 5)")
     g.add_argument("--shots", type=_positive_int, help="support examples per class (per task "
@@ -96,8 +97,10 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
                    "the CIFAR-100 archive (cifar-fs, fc100); miniImageNet and tieredImageNet "
                    "have no public download")
     a = p.add_argument_group("inner loop")
-    a.add_argument("--inner-lr", type=_positive_float)
-    a.add_argument("--inner-steps", type=_non_negative_int)
+    a.add_argument("--inner-lr", type=_positive_float, help="inner (adaptation) learning "
+                   "rate; default from the paper")
+    a.add_argument("--inner-steps", type=_non_negative_int, help="inner steps in training; "
+                   "default from the paper")
     a.add_argument("--inner-batch", type=_positive_int, help="Reptile: examples per inner "
                    "mini-batch (default: the whole support set)")
     a.add_argument("--inner-optimizer", choices=("sgd", "adam"), help="Reptile's inner optimizer")
@@ -108,15 +111,19 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
                    "inner loss (0 = off)")
     a.add_argument("--flood-mode", choices=("batch", "instance"), default="batch",
                    help="batch = flooding (Ishida et al.), instance = iFlood (Xie et al.)")
-    a.add_argument("--outer-flood", type=_non_negative_float)
-    a.add_argument("--label-smoothing", type=_non_negative_float, default=0.0)
+    a.add_argument("--outer-flood", type=_non_negative_float, help="flood level b of the "
+                   "outer (query) loss (default: off)")
+    a.add_argument("--label-smoothing", type=_non_negative_float, default=0.0,
+                   help="label smoothing of the classification losses (default 0)")
     o = p.add_argument_group("outer loop")
-    o.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS)
+    o.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS, help="the meta optimizer "
+                   "(default: Adam; Reptile: SGD)")
     o.add_argument("--outer-lr", type=_positive_float, help="meta learning rate (Reptile: the "
                    "meta step size epsilon)")
     o.add_argument("--outer-eps", type=_positive_float, help="the outer Adam's epsilon "
                    "(default 1e-8; iMAML's reference code uses 1e-3)")
-    o.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
+    o.add_argument("--weight-decay", type=_non_negative_float, default=0.0,
+                   help="the meta optimizer's weight decay (default 0)")
     o.add_argument("--schedule", choices=SCHEDULES, help="meta lr schedule (Reptile: linear)")
     v = p.add_argument_group("MAML variants (each option applies only to its algorithm)")
     v.add_argument("--first-order", action="store_true", default=None, help="metasgd, anil, "
@@ -151,8 +158,10 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
                    "per-step BatchNorm weights and biases (default on). MAML++'s cosine "
                    "meta-lr annealing is --schedule cosine")
     m = p.add_argument_group("model and run")
-    m.add_argument("--init", choices=("xavier", "he"), default="xavier")
-    m.add_argument("--dropout", type=_non_negative_float, default=0.0)
+    m.add_argument("--init", choices=("xavier", "he"), default="xavier",
+                   help="initial weights of the model (default xavier)")
+    m.add_argument("--dropout", type=_non_negative_float, default=0.0,
+                   help="dropout rate of the model (default 0)")
     m.add_argument("--backbone", choices=("conv4", "resnet12"), help="the network: the "
                    "dataset's Conv4 (default; the MLP for sine), or resnet12 (Lee et al. "
                    "2019, 12.4M parameters) for the RGB benchmarks")
@@ -199,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", allow_abbrev=False,
                         help="meta-train a model", description="Meta-train with "
                         "the papers' defaults; validation, checkpoints and resume.")
-    tr.add_argument("--algorithm", choices=ALGORITHMS, default="maml")
+    tr.add_argument("--algorithm", choices=ALGORITHMS, default="maml",
+                    help="the meta-learner (default maml)")
     _add_run_options(tr, "meta-iterations (default: the paper's schedule)")
     tr.add_argument("--checkpoint", type=Path, help="checkpoint path (default: "
                     "runs/<dataset>_<algorithm>.pt)")
@@ -220,11 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", allow_abbrev=False,
                         help="evaluate a checkpoint per inner-step count",
                         description="Adaptation accuracy (or MSE) after 0..K inner steps, "
-                        "mean and 95%% CI over fixed test tasks.")
-    ev.add_argument("--checkpoint", type=Path, required=True)
+                        "mean and 95% CI over fixed test tasks.")
+    ev.add_argument("--checkpoint", type=Path, required=True,
+                    help="a checkpoint of metalearn train (RUN.pt or RUN.best.pt)")
     ev.add_argument("--steps", type=_non_negative_int, default=10, help="K (default 10)")
-    ev.add_argument("--tasks", type=_positive_int, default=600)
-    ev.add_argument("--split", choices=("test", "val", "train"), default="test")
+    ev.add_argument("--tasks", type=_positive_int, default=600,
+                    help="fixed tasks to evaluate on (default 600)")
+    ev.add_argument("--split", choices=("test", "val", "train"), default="test",
+                    help="the split the tasks come from (default test)")
     ev.add_argument("--non-transductive", action="store_true", help="predict each query with "
                     "the support set only (Reptile's protocol)")
     ev.add_argument("--seed", type=int, default=12345, help="seed of the test task set")
@@ -234,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "missing (Omniglot, CIFAR-100)")
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ev.add_argument("--out", type=Path, help="write the result as JSON")
-    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_process_options(ev)
 
     be = sub.add_parser("bench", allow_abbrev=False,
@@ -261,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--trials) and rank them by their best validation value; the test "
                         "split is not used. Example: metalearn search --grid inner_lr=0.005,"
                         "0.01,0.02 --grid outer_lr=1e-3,3e-3 --iterations 500")
-    se.add_argument("--algorithm", choices=ALGORITHMS, default="maml")
+    se.add_argument("--algorithm", choices=ALGORITHMS, default="maml",
+                    help="the meta-learner (default maml)")
     se.add_argument("--grid", action="append", required=True, metavar="NAME=V1,V2,...",
                     help="a setting (as in TrainConfig: inner_lr, inner_steps, outer_lr, ...) "
                     "and its values; repeat for more settings, the grid is their product")
@@ -284,12 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(se, "meta-iterations per trial (default: the paper's schedule)")
     pl = sub.add_parser("plot", allow_abbrev=False,
                         help="draw runs' training and validation curves to a PNG",
-                        description="Training loss and validation accuracy (%%) or MSE with "
-                        "its 95%% CI against meta-iterations, from the JSON-lines logs that "
+                        description="Training loss and validation accuracy (%) or MSE with "
+                        "its 95% CI against meta-iterations, from the JSON-lines logs that "
                         "train writes beside its checkpoint (RUN.jsonl for --checkpoint "
                         "RUN.pt). Several logs overlay. Example: metalearn plot "
                         "runs/omniglot_maml.jsonl runs/omniglot_fomaml.jsonl")
-    pl.add_argument("logs", nargs="+", type=Path, metavar="RUN.jsonl")
+    pl.add_argument("logs", nargs="+", type=Path, metavar="RUN.jsonl",
+                    help="training logs (one or more)")
     pl.add_argument("--out", type=Path, help="the PNG to write (default: the first log's "
                     "path with .png)")
     pl.add_argument("--labels", type=lambda t: [x.strip() for x in t.split(",")],

@@ -26,6 +26,22 @@ def test_help_on_every_subcommand(sub, capsys):
     assert "usage: metalearn " + sub in capsys.readouterr().out
 
 
+def test_every_option_says_what_it_means():
+    """#31: --help gives every option a one-line meaning, and the descriptions print as
+    written (argparse does not %-format a description, so "%%" would show as it is)."""
+    import argparse
+
+    from metalearn.cli import build_parser
+
+    (commands,) = [a for a in build_parser()._actions
+                   if isinstance(a, argparse._SubParsersAction)]
+    for name, parser in commands.choices.items():
+        bare = [a.option_strings or a.dest for a in parser._actions
+                if not isinstance(a, argparse._HelpAction) and not a.help]
+        assert not bare, f"metalearn {name}: options without help: {bare}"
+        assert "%%" not in (parser.description or ""), f"metalearn {name}: '%%' in description"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--algorithm", "mamal"], "invalid choice: 'mamal'"),
     (["train", "--ways", "0"], "must be >= 1, got 0"),
