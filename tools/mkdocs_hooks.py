@@ -14,8 +14,6 @@ import posixpath
 import re
 from pathlib import Path
 
-from mkdocs.structure.files import File, Files
-
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -44,7 +42,10 @@ def rewrite_plot_links(markdown: str, page_src_uri: str) -> str:
     return _PNG_TARGET.sub(site_link, markdown)
 
 
-def on_files(files: Files, config, **kwargs) -> Files:
+def on_files(files, config, **kwargs):
+    # Imported here so that the link rewriting imports without MkDocs (the tests use it).
+    from mkdocs.structure.files import File
+
     for png in sorted(RESULTS.rglob("*.png")):
         files.append(File.generated(config, asset_path(png), abs_src_path=str(png)))
     return files
