@@ -21,7 +21,9 @@ from a worktree), named after the algorithm and the task (``maml_omniglot_5w1s``
 - ``<stem>.json``: at the end, the test evaluation of the best checkpoint on 600 fixed test
   tasks (seed 12345, one query per class, accuracy and 95% CI after each step 0..10;
   Reptile 0..50, with and without transduction), the validation curve against cumulative
-  wall-clock, and where the time went.
+  wall-clock, and where the time went;
+- ``<stem>.last.json``: ``--evaluate-last``, once the run has ended, tests the last
+  checkpoint the same way (the reference codes report the last model, not the best one).
 
 Settings: MAML and FOMAML as Finn et al. 2017 (meta-batch 32, one inner SGD step at 0.4,
 Adam 1e-3, one query per class, 60,000 iterations); Reptile as Nichol et al. 2018's code
@@ -221,14 +223,15 @@ def pin(run_file: Path, algorithm: str, commit: str, clean: bool) -> dict:
     return run
 
 
-def evaluate_best(stem: Path, algorithm: str) -> dict:
-    """The best checkpoint's accuracy after 0..K steps on the fixed test tasks."""
+def evaluate_best(stem: Path, algorithm: str, suffix: str = ".best.pt") -> dict:
+    """The best checkpoint's (or with ``suffix=".pt"`` the last one's) accuracy after
+    0..K steps on the fixed test tasks."""
     import torch
 
     from metalearn.config import TrainConfig, build_learner, build_model, build_sampler
     from metalearn.evaluation import evaluate
 
-    best = load_checkpoint(stem.with_suffix(".best.pt"))
+    best = load_checkpoint(stem.with_suffix(suffix))
     cfg = TrainConfig.from_dict(best["config"])
     model = build_model(cfg)
     model.load_state_dict(best["model"])
@@ -244,7 +247,7 @@ def evaluate_best(stem: Path, algorithm: str) -> dict:
                       progress=False)
         key = "transductive" if transductive else "non_transductive"
         out[key] = {"steps": ev.steps, "accuracy": ev.mean, "ci95": ev.ci95}
-    return {"best_validation": best["best"], **out}
+    return {"iteration": best["iteration"], "best_validation": best["best"], **out}
 
 
 def summary(stem: Path, run: dict) -> dict:
@@ -286,6 +289,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None,
                         help="folder of the run's files (default: benchmarks/results/"
                              "reproductions of the main working tree)")
+    parser.add_argument("--evaluate-last", action="store_true",
+                        help="after the run: test its last checkpoint as well, the model the "
+                             "reference code reports (writes <stem>.last.json)")
     parser.add_argument("--smoke", action="store_true",
                         help="a few iterations and test tasks, to check the script (needs "
                              "--results)")
@@ -301,6 +307,17 @@ def main() -> None:
     stem = folder / f"{args.algorithm}_{TASK}"
     if args.status:
         print(status(stem))
+        return
+    if args.evaluate_last:
+        if not stem.with_suffix(".json").exists():
+            parser.error(f"--evaluate-last tests a finished run, and {stem.name} has no "
+                         f"{stem.name}.json yet; let the run end first")
+        result = {"header": {**header(seed=RUNS[args.algorithm]["seed"]), "commit": commit},
+                  "checkpoint": stem.with_suffix(".pt").name,
+                  "test": evaluate_best(stem, args.algorithm, suffix=".pt")}
+        atomic_write(stem.with_suffix(".last.json"),
+                     lambda f: f.write(json.dumps(result, indent=2).encode()))
+        print(json.dumps(result["test"], indent=2))
         return
     run_file = stem.with_suffix(".run.json")
     run = pin(run_file, args.algorithm, commit, clean)

@@ -54,3 +54,31 @@ def test_idle_rate_keeps_only_the_intervals_no_other_process_shared():
     # With a margin of two minutes, 200->250 touches the shared minutes and drops out.
     assert idle_rate(log, segments, cpu, margin=120.0)["seconds_per_iteration"] == 0.2
     assert idle_rate(log, segments, [], margin=0.0) is None
+
+
+def test_the_last_checkpoint_is_tested_like_the_best_one(tmp_path, omniglot_images,
+                                                          monkeypatch):
+    """``--evaluate-last`` tests the model the reference code reports (the last one), on
+    the same tasks and protocol as the best one."""
+    import shutil
+
+    import metalearn
+    from benchmarks import reproduce_omniglot as ro
+
+    monkeypatch.setattr(ro, "TEST_TASKS", 5)
+    stem = tmp_path / "reptile_omniglot_5w1s"
+    settings = dict(ro.RUNS["reptile"], val_every=2, val_tasks=5)
+    metalearn.train(checkpoint=stem.with_suffix(".pt"), progress=False,
+                    **dict(settings, iterations=2))
+    shutil.copy(stem.with_suffix(".pt"), tmp_path / "at2.pt")
+    metalearn.train(checkpoint=stem.with_suffix(".pt"), resume=True, progress=False,
+                    **dict(settings, iterations=4))
+    shutil.copy(tmp_path / "at2.pt", stem.with_suffix(".best.pt"))  # best at 2, last at 4
+
+    best = ro.evaluate_best(stem, "reptile")
+    last = ro.evaluate_best(stem, "reptile", suffix=".pt")
+    assert (best["iteration"], last["iteration"]) == (2, 4)
+    for result in (best, last):
+        for protocol in ("transductive", "non_transductive"):
+            assert result[protocol]["steps"] == list(range(51))
+    assert last["transductive"]["accuracy"] != best["transductive"]["accuracy"]
