@@ -14,15 +14,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
-# Row label -> (result file, entry of its "results" list or None for a reproduction file,
-# test-time steps of the quoted figure, metric).
+# Row label -> (result file, entry of its "results" list, or for a reproduction file None
+# (transductive) or "non_transductive", test-time steps of the quoted figure, metric).
 ROWS = {
     "Sine, K = 10, MAML": ("compare_sine.json", {"name": "maml", "shots": 10}, 10, "mse"),
     "Omniglot 5-way 1-shot, MAML": ("reproductions/maml_omniglot_5w1s.json", None, 10, "acc"),
     "Omniglot 5-way 1-shot, FOMAML": ("reproductions/fomaml_omniglot_5w1s.json", None, 10,
                                       "acc"),
-    "Omniglot 5-way 1-shot, Reptile (Adam restarted per task)": (
-        "compare_omniglot_5w1s.json", {"algorithm": "reptile"}, 50, "acc"),
+    "Omniglot 5-way 1-shot, Reptile": ("reproductions/reptile_omniglot_5w1s.json", None, 50,
+                                       "acc"),
+    "Omniglot 5-way 1-shot, Reptile, non-transductive": (
+        "reproductions/reptile_omniglot_5w1s.json", "non_transductive", 50, "acc"),
     "Omniglot 5-way 5-shot, MAML": ("compare_omniglot_5w5s.json", {"algorithm": "maml"}, 10,
                                     "acc"),
     "Omniglot 5-way 5-shot, FOMAML": ("compare_omniglot_5w5s.json", {"algorithm": "fomaml"},
@@ -57,8 +59,9 @@ def _quoted(spec) -> tuple[str, int]:
     """The figure ``mean ± ci`` the row should quote, and the run's iterations."""
     name, entry, steps, metric = spec
     data = json.loads((RESULTS / name).read_text())
-    if entry is None:  # a full reproduction: its test evaluation and settings
-        result, iterations = data["test"]["transductive"], data["run"]["settings"]["iterations"]
+    if entry is None or isinstance(entry, str):  # a full reproduction: test and settings
+        result = data["test"][entry or "transductive"]
+        iterations = data["run"]["settings"]["iterations"]
     else:
         (result,) = [r for r in data["results"] if entry.items() <= r.items()]
         iterations = result["iterations"]
