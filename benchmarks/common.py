@@ -169,8 +169,24 @@ class CpuMonitor(threading.Thread):
 
     @staticmethod
     def _own() -> int:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime, all threads
+        """CPU ticks of this process and its children (a study's worker processes are its
+        own work, not other processes'): utime + stime of every thread, and cutime + cstime
+        for the children already gone."""
+        def ticks(stat: str) -> tuple[int, int]:
+            fields = stat.rsplit(")", 1)[1].split()
+            return int(fields[1]), sum(int(x) for x in fields[11:15])  # ppid, times
+
+        me = os.getpid()
+        total = ticks(Path("/proc/self/stat").read_text())[1]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != me:
+                try:
+                    ppid, t = ticks((entry / "stat").read_text())
+                except (OSError, IndexError, ValueError):  # gone meanwhile
+                    continue
+                if ppid == me:
+                    total += t
+        return total
 
     def run(self) -> None:
         if not Path("/proc/stat").exists():
@@ -180,7 +196,7 @@ class CpuMonitor(threading.Thread):
             time.sleep(self.period)
             busy2, own2, t2 = self._busy(), self._own(), time.monotonic()
             elapsed = t2 - t
-            own_cores = (own2 - own) / self.ticks / elapsed
+            own_cores = max(own2 - own, 0) / self.ticks / elapsed
             other = max((busy2 - busy) / self.ticks / elapsed - own_cores, 0.0)
             record = {"utc": utc_now(),
                       "seconds": round(elapsed, 1), "own_cores": round(own_cores, 3),

@@ -62,3 +62,58 @@ def test_cpu_sharing_counts_the_minutes_within_the_runs_segments():
                 ["2026-01-01T00:03:00+00:00", "2026-01-01T00:04:10+00:00"]]  # minutes 3, 4
     assert cpu_shared_within(cpu, segments) == 0.5
     assert cpu_shared_within(cpu, [["2026-01-02T00:00:00+00:00"] * 2]) is None
+
+
+def test_workers_train_the_same_runs_as_one_process(omniglot_images, tmp_path):
+    """``--workers 2`` trains the runs two at a time in single-threaded processes: the same
+    runs, in the plan's order in the file, with the same results up to float rounding."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(ra.__file__)
+    out = {}
+    for workers in (1, 2):
+        subprocess.run([sys.executable, str(script), "--quick", "--study", "d",
+                        "--configs", "fomaml-*-cycle-k2-b25", "--workers", str(workers),
+                        "--out-dir", str(tmp_path / f"w{workers}")],
+                       check=True, capture_output=True)
+        out[workers] = json.loads((tmp_path / f"w{workers}" / "reptile_ablations_d.json")
+                                  .read_text())
+    one, two = out[1], out[2]
+    assert (two["header"]["workers"], two["header"]["threads"]) == (2, 1)
+    assert [r["config"] for r in two["results"]] == [r["config"] for r in one["results"]] == [
+        "fomaml-shared-cycle-k2-b25", "fomaml-separate-cycle-k2-b25"]
+    for a, b in zip(one["results"], two["results"], strict=True):
+        assert a["test"]["accuracy"] == pytest.approx(b["test"]["accuracy"], abs=1e-6)
+        for ca, cb in zip(a["curve"], b["curve"], strict=True):
+            assert ca["train_loss"] == pytest.approx(cb["train_loss"], rel=1e-4)
+
+
+def test_the_cpu_monitor_counts_its_workers_as_its_own(tmp_path):
+    """A study's worker processes are its own work: their CPU time is not "other"."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.common import CpuMonitor
+
+    flag = tmp_path / "done"
+    busy = ("import time, pathlib\n"
+            "while time.process_time() < 0.5: pass\n"
+            f"pathlib.Path({str(flag)!r}).touch()\n"
+            "time.sleep(60)\n")
+    before = CpuMonitor._own()
+    child = subprocess.Popen([sys.executable, "-c", busy])
+    try:
+        for _ in range(600):
+            if flag.exists():
+                break
+            time.sleep(0.1)
+        after = CpuMonitor._own()  # the child is alive: its time is counted live
+    finally:
+        child.kill()
+        child.wait()
+    assert (after - before) / os.sysconf("SC_CLK_TCK") >= 0.4
