@@ -237,3 +237,24 @@ def cpu_shared_within(cpu: list[dict], segments: list[list[str]]) -> float | Non
     spans = [(datetime.fromisoformat(a), datetime.fromisoformat(b)) for a, b in segments]
     return shared_share([r for r in cpu if any(a <= datetime.fromisoformat(r["utc"]) <= b
                                                for a, b in spans)])
+
+
+def start_worker(malloc_reuse: bool = False) -> None:
+    """Set up a study's worker process (``--workers``): one torch thread, as the workers
+    share the cores; glibc's allocator keeping freed memory if the study's process does
+    (:func:`metalearn.allocator.reuse_freed_memory`); and an end with the study's process,
+    so that stopping the study stops its runs (Linux)."""
+    import torch
+
+    torch.set_num_threads(1)
+    if malloc_reuse:
+        from metalearn.allocator import reuse_freed_memory
+
+        reuse_freed_memory()
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -80,6 +80,7 @@ from benchmarks.common import (  # noqa: E402
     mean_ci,
     paired,
     read_jsonl,
+    start_worker,
     utc_now,
 )
 from metalearn import GradientCombination, Reptile, TaskBatch, evaluate  # noqa: E402
@@ -413,19 +414,6 @@ def train_job(run: Run, seed: int, iterations: int, val: TaskBatch, test: TaskBa
     with kernel_settings(compile=compile):
         return train_run(run, seed, iterations, val, test, val_every, device, meta_batch,
                          partial, partial_key)
-
-
-def start_worker() -> None:
-    """A ``--workers`` process: one thread (the workers share the cores), and it ends with
-    the study's process, so that stopping the study stops its runs (Linux)."""
-    torch.set_num_threads(1)
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def results_path(args: argparse.Namespace, study: str) -> Path:

@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from benchmarks import flooding_regime as fr
 from benchmarks.common import mean_ci, paired, t95
@@ -133,3 +134,26 @@ def test_a_tiny_study_runs_end_to_end_and_skips_finished_runs(omniglot_images, t
     fr.main(argv)  # again: every run is finished, nothing is trained
     again = capsys.readouterr().out
     assert "starting" not in again and "finished earlier" in again
+
+
+def test_workers_train_the_same_runs(omniglot_images, tmp_path):
+    """``--workers 2``: the same runs as one process, each in a single-threaded worker, with
+    the same logs up to float rounding."""
+    logs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        fr.main(["sweep", "--quick", "--algorithms", "fomaml", "--train-classes", "10",
+                 "--floods", "outer", "--multipliers", "1", "--iterations", "2",
+                 "--val-every", "1", "--runs", str(out), "--out-dir", str(out),
+                 "--no-malloc-reuse", "--workers", str(workers)])
+        logs[workers] = {p.name: fr.read_log(p) for p in sorted(out.glob("*.jsonl"))
+                         if p.name != "cpu.jsonl"}
+        records = [json.loads(p.read_text()) for p in out.glob("*.record.json")]
+        assert {r["threads"] for r in records} == ({1} if workers == 2 else
+                                                   {torch.get_num_threads()})
+    assert logs[1].keys() == logs[2].keys() and len(logs[1]) == 4  # 2 seeds x (b = 0, b)
+    for name, log in logs[1].items():
+        assert [r["iteration"] for r in log] == [r["iteration"] for r in logs[2][name]]
+        for a, b in zip(log, logs[2][name], strict=True):
+            if "loss" in a:
+                assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
