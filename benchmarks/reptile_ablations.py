@@ -2,7 +2,7 @@
 
     python benchmarks/reptile_ablations.py --study c|d|all [--iterations N | --full]
         [--seeds 0,1,2] [--configs g1,g1+g2] [--compile] [--resume] [--out-dir DIR]
-        [--name NAME] [--quick] [--workers 2]
+        [--name NAME] [--quick] [--workers 2] [--status]
 
 Nichol, Achiam and Schulman (2018), "On First-Order Meta-Learning Algorithms"
 (arXiv:1803.02999), section 6, both studies run with :class:`metalearn.GradientCombination`:
@@ -305,6 +305,10 @@ def main() -> None:
                              "thread (default 1: one run at a time at torch's threads); 2 on "
                              "a 2-core CPU gives 1.4-2.0x the throughput "
                              "(benchmarks/results/threads_vs_processes.json)")
+    parser.add_argument("--status", action="store_true",
+                        help="print which of the selected runs are done (with their test "
+                             "accuracy), in progress (at which iteration) or to do; train "
+                             "nothing")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: a few iterations per config; prints s/iteration and "
                              "the default run's estimated time")
@@ -315,6 +319,10 @@ def main() -> None:
     if args.name and len(studies) > 1:
         parser.error("--name names one study's file: give --study c or --study d")
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.status:
+        for study in studies:
+            print(status(args, study, seeds))
+        return
     started = header(seed=seeds[0] if seeds else None)  # the commit that runs
     plans = {}
     for study in studies:
@@ -414,6 +422,34 @@ def train_job(run: Run, seed: int, iterations: int, val: TaskBatch, test: TaskBa
     with kernel_settings(compile=compile):
         return train_run(run, seed, iterations, val, test, val_every, device, meta_batch,
                          partial, partial_key)
+
+
+def status(args: argparse.Namespace, study: str, seeds: list[int]) -> str:
+    """``--status``: each selected run of ``study`` done, in progress or to do."""
+    runs = study_c_runs() if study == "c" else study_d_runs()
+    if args.configs:
+        runs = [r for r in runs if any(fnmatch(r.name, p) for p in args.configs.split(","))]
+    path = results_path(args, study)
+    rows = json.loads(path.read_text())["results"] if path.exists() else []
+    done = {(r["config"], r["seed"]): r for r in rows}
+    lines, left = [f"{path}: {len(runs) * len(seeds)} runs selected"], 0
+    for seed in seeds:
+        for run in runs:
+            row = done.get((run.name, seed))
+            partial = partial_dir(args, study) / f"{run.name}-seed{seed}.pt"
+            if row is not None:
+                t = row["test"]
+                what = (f"done, test {100 * t['accuracy'][-1]:.2f} ± "
+                        f"{100 * t['ci95'][-1]:.2f}%")
+            elif partial.exists():
+                saved = torch.load(partial, weights_only=False)
+                what = f"at iteration {saved['iteration']} of {saved['key']['iterations']}"
+                left += 1
+            else:
+                what, left = "to do", left + 1
+            lines.append(f"  {run.name:34s} seed {seed}: {what}")
+    lines.append(f"  {left} not done")
+    return "\n".join(lines)
 
 
 def results_path(args: argparse.Namespace, study: str) -> Path:

@@ -117,3 +117,23 @@ def test_the_cpu_monitor_counts_its_workers_as_its_own(tmp_path):
         child.kill()
         child.wait()
     assert (after - before) / os.sysconf("SC_CLK_TCK") >= 0.4
+
+
+def test_status_says_which_runs_are_done_in_progress_or_to_do(tmp_path):
+    import argparse
+    import json
+
+    args = argparse.Namespace(configs="fomaml-*-cycle-k2-b25", out_dir=tmp_path, name="s")
+    (tmp_path / "s.json").write_text(json.dumps({"results": [
+        {"config": "fomaml-shared-cycle-k2-b25", "seed": 0,
+         "test": {"accuracy": [0.2, 0.5], "ci95": [0.01, 0.02]}}]}))
+    (tmp_path / "s.partial").mkdir()
+    torch.save({"iteration": 4, "key": {"iterations": 10}},
+               tmp_path / "s.partial" / "fomaml-separate-cycle-k2-b25-seed0.pt")
+    lines = [" ".join(line.split()) for line in ra.status(args, "d", [0, 1]).splitlines()]
+    assert lines[1:] == [
+        "fomaml-shared-cycle-k2-b25 seed 0: done, test 50.00 ± 2.00%",
+        "fomaml-separate-cycle-k2-b25 seed 0: at iteration 4 of 10",
+        "fomaml-shared-cycle-k2-b25 seed 1: to do",
+        "fomaml-separate-cycle-k2-b25 seed 1: to do",
+        "3 not done"]
