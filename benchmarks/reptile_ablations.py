@@ -305,6 +305,9 @@ def main() -> None:
                              "thread (default 1: one run at a time at torch's threads); 2 on "
                              "a 2-core CPU gives 1.4-2.0x the throughput "
                              "(benchmarks/results/threads_vs_processes.json)")
+    parser.add_argument("--replot", action="store_true",
+                        help="draw the study's plot again from its results file; train "
+                             "nothing")
     parser.add_argument("--status", action="store_true",
                         help="print which of the selected runs are done (with their test "
                              "accuracy), in progress (at which iteration) or to do; train "
@@ -322,6 +325,16 @@ def main() -> None:
     if args.status:
         for study in studies:
             print(status(args, study, seeds))
+        return
+    if args.replot:
+        for study in studies:
+            path = results_path(args, study)
+            if not path.exists():
+                parser.error(f"--replot: {path} does not exist; check --out-dir and --name")
+            saved = json.loads(path.read_text())
+            plot(saved["results"], study, path.with_suffix(".png"),
+                 saved["header"]["iterations"])
+            print(f"wrote {path.with_suffix('.png')}")
         return
     started = header(seed=seeds[0] if seeds else None)  # the commit that runs
     plans = {}
@@ -591,9 +604,19 @@ def plot(rows: list[dict], study: str, path: Path, iterations: int) -> None:
         ax.grid(alpha=0.3)
     else:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        across = summarise(rows)["final_accuracy"]
 
-        def final(c: str, key: str = "accuracy") -> float:
-            return 100 * sum(r["test"][key][-1] for r in by_config[c]) / len(by_config[c])
+        def final(c: str) -> float:
+            return 100 * across[c]["mean"]
+
+        def error(c: str) -> float:
+            """The t-interval across seeds; with one seed, the run's test interval."""
+            if across[c]["ci95"] is not None:
+                return 100 * across[c]["ci95"]
+            return 100 * sum(r["test"]["ci95"][-1] for r in by_config[c]) / len(by_config[c])
+
+        batch_sweep = len({r["inner_batch"] for r in rows
+                           if r["inner_steps"] == D_ITERATIONS}) > 1
 
         for variant in VARIANTS:
             for sampling in SAMPLINGS:
@@ -607,15 +630,30 @@ def plot(rows: list[dict], study: str, path: Path, iterations: int) -> None:
                 style = dict(linestyle="-" if sampling == "cycle" else "--",
                              marker="o" if sampling == "cycle" else "s",
                              color=f"C{VARIANTS.index(variant)}")
-                for ax, xs in ((axes[0], ks), (axes[1], bs)):
+                for ax, xs in ((axes[0], ks), (axes[1], bs if batch_sweep else [])):
                     if xs:
                         ax.errorbar([x for x, _ in xs], [final(c) for _, c in xs],
-                                    yerr=[final(c, "ci95") for _, c in xs], capsize=2,
+                                    yerr=[error(c) for _, c in xs], capsize=2,
                                     label=label, **style)
+                if not batch_sweep:  # no batch sweep to show: the validation curves
+                    for k, c in ks:
+                        axes[1].plot(*mean_curve(by_config[c]), label=f"{variant} {sampling} "
+                                     f"k={k}", color=style["color"],
+                                     linestyle=("-", "--", ":", "-.")[sorted(
+                                         {k for k, _ in ks}).index(k) % 4])
+        seeds = len({r["seed"] for r in rows})
         axes[0].set_xlabel(f"inner iterations (batch {D_BATCH})")
-        axes[1].set_xlabel(f"inner batch size ({D_ITERATIONS} iterations)")
+        axes[0].set_ylabel("test accuracy % (5 SGD steps; mean, 95% CI"
+                           + (f" over {seeds} seeds)" if seeds > 1 else ")"))
+        if batch_sweep:
+            axes[1].set_xlabel(f"inner batch size ({D_ITERATIONS} iterations)")
+            axes[1].set_ylabel(axes[0].get_ylabel())
+        else:
+            axes[1].set_xlabel("outer iteration")
+            axes[1].set_ylabel("validation accuracy %" + (" (mean over seeds)" if seeds > 1
+                                                          else ""))
+            axes[1].legend(fontsize=7)
         for ax in axes:
-            ax.set_ylabel("test accuracy % (5 SGD steps, mean 95% CI)")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
         fig.suptitle(f"Omniglot 5w5s mini-batch overlap ({iterations} it)")
