@@ -169,23 +169,27 @@ class CpuMonitor(threading.Thread):
 
     @staticmethod
     def _own() -> int:
-        """CPU ticks of this process and its children (a study's worker processes are its
-        own work, not other processes'): utime + stime of every thread, and cutime + cstime
-        for the children already gone."""
+        """CPU ticks of this process and its descendants (a study's workers, and their
+        compiler processes, are its own work, not other processes'): utime + stime of
+        every thread, and cutime + cstime for the children already gone."""
         def ticks(stat: str) -> tuple[int, int]:
             fields = stat.rsplit(")", 1)[1].split()
             return int(fields[1]), sum(int(x) for x in fields[11:15])  # ppid, times
 
-        me = os.getpid()
-        total = ticks(Path("/proc/self/stat").read_text())[1]
+        children: dict[int, list[tuple[int, int]]] = {}
         for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != me:
+            if entry.name.isdigit():
                 try:
                     ppid, t = ticks((entry / "stat").read_text())
                 except (OSError, IndexError, ValueError):  # gone meanwhile
                     continue
-                if ppid == me:
-                    total += t
+                children.setdefault(ppid, []).append((int(entry.name), t))
+        total = ticks(Path("/proc/self/stat").read_text())[1]
+        todo = [os.getpid()]
+        while todo:
+            for pid, t in children.get(todo.pop(), []):
+                total += t
+                todo.append(pid)
         return total
 
     def run(self) -> None:
