@@ -2,7 +2,7 @@
 
     python benchmarks/reptile_ablations.py --study c|d|all [--iterations N | --full]
         [--seeds 0,1,2] [--configs g1,g1+g2] [--compile] [--resume] [--out-dir DIR]
-        [--name NAME] [--quick] [--workers 2] [--status]
+        [--name NAME] [--quick] [--workers 2] [--status] [--replot]
 
 Nichol, Achiam and Schulman (2018), "On First-Order Meta-Learning Algorithms"
 (arXiv:1803.02999), section 6, both studies run with :class:`metalearn.GradientCombination`:
