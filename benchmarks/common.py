@@ -262,3 +262,13 @@ def start_worker(malloc_reuse: bool = False) -> None:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def worker_pool(workers: int, malloc_reuse: bool = False):
+    """The pool a study's ``--workers`` runs its runs in: fresh (spawned) processes set up
+    by :func:`start_worker`."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                               initializer=start_worker, initargs=(malloc_reuse,))

@@ -81,8 +81,7 @@ import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
+from concurrent.futures import as_completed
 from pathlib import Path
 
 import torch
@@ -98,8 +97,8 @@ from benchmarks.common import (  # noqa: E402
     mean_ci,
     paired,
     read_jsonl,
-    start_worker,
     utc_now,
+    worker_pool,
 )
 from metalearn import evaluate, train  # noqa: E402
 from metalearn.bench import TEST_SEED  # noqa: E402
@@ -348,9 +347,7 @@ def run_parallel(args, specs: list[dict], phase: str, t0: float) -> list[dict]:
     out = [finished(args, s) for s in specs]
     todo = [i for i, r in enumerate(out) if r is None]
     quiet = argparse.Namespace(**{**vars(args), "commit": False})
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"),
-                             initializer=start_worker,
-                             initargs=(not args.no_malloc_reuse,)) as pool:
+    with worker_pool(args.workers, malloc_reuse=not args.no_malloc_reuse) as pool:
         futures = {pool.submit(run, quiet, specs[i], f"{phase} {i + 1}/{len(specs)}"): i
                    for i in todo}
         for n, future in enumerate(as_completed(futures), 1):

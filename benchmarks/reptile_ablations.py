@@ -61,10 +61,9 @@ import json
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -80,8 +79,8 @@ from benchmarks.common import (  # noqa: E402
     mean_ci,
     paired,
     read_jsonl,
-    start_worker,
     utc_now,
+    worker_pool,
 )
 from metalearn import GradientCombination, Reptile, TaskBatch, evaluate  # noqa: E402
 from metalearn.checkpoint import atomic_write  # noqa: E402
@@ -420,8 +419,7 @@ def run_study(args: argparse.Namespace, study: str, plan: dict, started: dict,
         for seed, run in jobs:
             finished(train_job(*job_args(seed, run)))
     else:
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"),
-                                 initializer=start_worker) as pool:
+        with worker_pool(args.workers) as pool:
             futures = [pool.submit(train_job, *job_args(seed, run)) for seed, run in jobs]
             for future in as_completed(futures):
                 finished(future.result())
