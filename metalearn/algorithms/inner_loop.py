@@ -71,7 +71,17 @@ def inner_loop(loss: Loss, params: Params, steps: int, update: Update, *,
 
 def sgd(lr: Rate) -> Update:
     """``phi - lr * grad``; ``lr`` a number, or ``lr(name, step)`` for learned rates (a
-    tensor per weight for Meta-SGD, a scalar per layer and step for MAML++)."""
+    tensor per weight for Meta-SGD, a scalar per layer and step for MAML++).
+
+    Example:
+        >>> import torch
+        >>> from metalearn.algorithms import sgd
+        >>> update = sgd(lambda name, step: 0.1 * (step + 1))   # a rate per step
+        >>> w = {"w": torch.tensor(1.0)}
+        >>> new, _ = update(1, w, {"w": torch.tensor(2.0)}, None)
+        >>> round(float(new["w"]), 6)    # 1 - 0.2 * 2
+        0.6
+    """
     def rate(name: str, step: int):
         return lr(name, step) if callable(lr) else lr
 
@@ -89,6 +99,17 @@ def adam(lr: float, betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8
     steps taken, which the bias correction uses. Fresh, the moments are zero and ``t`` is
     0; :func:`inner_loop` can start it from a given state instead, as Reptile does to carry
     the moments across tasks (``t`` may then be a tensor).
+
+    Example: bias-corrected, Adam's first step moves each weight by ``lr`` against the sign
+    of its gradient, whatever the gradient's size.
+
+        >>> import torch
+        >>> from metalearn.algorithms import adam
+        >>> update = adam(lr=0.1)
+        >>> new, (m, v, t) = update(0, {"w": torch.tensor([1.0, 1.0])},
+        ...                         {"w": torch.tensor([5.0, -0.01])}, None)
+        >>> [round(x, 4) for x in new["w"].tolist()], t
+        ([0.9, 1.1], 1)
     """
     b1, b2 = betas
 
