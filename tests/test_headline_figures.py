@@ -35,6 +35,10 @@ ROWS = {
                                       {"algorithm": "mamlpp"}, 10, "acc"),
     "Omniglot 5-way 1-shot, iMAML": ("compare_omniglot_5w1s_imaml.json",
                                      {"algorithm": "imaml"}, 20, "acc"),
+    # A paired difference across seeds, from the study's summary.
+    "Reptile §6.2, overlapping mini-batches": (
+        "reproductions/reptile_overlap.json",
+        "fomaml-shared-cycle-k8-b25 minus fomaml-separate-cycle-k8-b25", None, "paired"),
 }
 
 
@@ -59,6 +63,12 @@ def _quoted(spec) -> tuple[str, int]:
     """The figure ``mean ± ci`` the row should quote, and the run's iterations."""
     name, entry, steps, metric = spec
     data = json.loads((RESULTS / name).read_text())
+    if metric == "paired":
+        assert data["header"]["complete"], f"{name}: the study has not finished"
+        diff = data["summary"]["paired_differences"][entry]
+        # The pages write a negative difference with a minus sign, as their tables do.
+        return (f"{100 * diff['mean']:.2f} ± {100 * diff['ci95']:.2f}".replace("-", "\u2212"),
+                data["header"]["iterations"])
     if entry is None or isinstance(entry, str):  # a full reproduction: test and settings
         result = data["test"][entry or "transductive"]
         iterations = data["run"]["settings"]["iterations"]
