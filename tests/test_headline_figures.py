@@ -33,8 +33,8 @@ ROWS = {
         "compare_omniglot_5w5s.json", {"algorithm": "reptile"}, 50, "acc"),
     "Omniglot 5-way 1-shot, MAML++": ("reproductions/mamlpp_omniglot_5w1s.json", None, 5,
                                       "acc"),
-    "Omniglot 5-way 1-shot, iMAML": ("compare_omniglot_5w1s_imaml.json",
-                                     {"algorithm": "imaml"}, 20, "acc"),
+    "Omniglot 5-way 1-shot, iMAML": ("reproductions/imaml_omniglot_5w1s.json", None, 16,
+                                     "acc"),
     # A paired difference across seeds, from the study's summary.
     "Reptile §6.2, overlapping mini-batches": (
         "reproductions/reptile_overlap.json",
