@@ -757,7 +757,7 @@ def plot_pilot(rows: list[dict], path: Path) -> None:
             c = r["curve"]
             x = [p["iteration"] for p in c]
             line, = axes[0][j].plot(x, [100 * p["val_accuracy"] for p in c],
-                                    label=f"{r['classes']} classes")
+                                    label=f"{r['classes']} characters")
             axes[1][j].plot([p["iteration"] for p in c if "train_loss" in p],
                             [p["train_loss"] for p in c if "train_loss" in p],
                             color=line.get_color())
