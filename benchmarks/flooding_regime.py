@@ -42,12 +42,18 @@ those where every algorithm overfits; give ``--train-classes N`` to choose yours
 ``sweep`` trains, per algorithm and seed, the unflooded run (b = 0, shared by every method
 and by ``regularisers``), then the floods, in this order: ``outer`` (the query loss),
 ``inner`` (the support loss, flooding) and ``iflood`` (the support loss, iFlood). The
-levels are ``--multipliers`` times a loss of the first seed's unflooded run, written once
-to ``levels_*.json`` so that a resumed study keeps them: for the outer flood, its final
-training query loss (mean of the log records of the last 10% of iterations); for the
-inner floods, the mean support loss of 200 fixed training tasks at the inner steps whose
-gradient a flood can turn (1..K-1; step 0 too when K = 1) under its final weights.
-``--outer-levels`` / ``--inner-levels`` give absolute levels instead.
+levels come from the first seed's unflooded run and are written once to ``levels_*.json``,
+so that a resumed study keeps them: ``--levels`` (4) levels spaced geometrically between the
+loss at the end of training (excluded: a flood there acts only once validation has fallen)
+and the loss at the validation peak (included), the stretch over which the pilot's runs
+overfit. For the outer flood the loss is the training query loss (at the end, the mean of
+the log records of the last 10% of iterations; at the peak, of the records since the
+previous validation); for the inner floods, the mean support loss of 200 fixed training
+tasks at the inner steps whose gradient a flood can turn (1..K-1; step 0 too when K = 1),
+under the final and the best-validation weights. Levels around the final loss alone (the
+first plan, 0.5-4 times it) would be 0.0002-0.002 at 5 characters, where the training loss
+gets only after validation has already declined. ``--outer-levels`` / ``--inner-levels``
+give absolute levels instead.
 
 ``regularisers`` trains the same regime with ``--weight-decay`` (Adam's L2 term),
 ``--label-smoothing`` and ``--dropout`` levels, and with early stopping: ``--patience``
@@ -127,12 +133,12 @@ PROBE_TASKS = 200
 DEFAULTS = dict(
     algorithms="maml,fomaml", classes="5,10,20", iterations=6000, val_every=100,
     val_tasks=100, eval_queries=5, meta_batch=8, inner_steps="maml=3,fomaml=5",
-    seeds="0,1,2", multipliers="0.5,1,2,4", weight_decay="1e-4,1e-3,1e-2",
+    seeds="0,1,2", levels=4, weight_decay="1e-4,1e-3,1e-2",
     label_smoothing="0.05,0.1,0.2", dropout="0.1,0.2,0.3", patience=5, test_tasks=600,
     log_every=10, min_drop=0.02, floods="outer,inner,iflood",
     regularisers="early_stopping,weight_decay,label_smoothing,dropout")
 QUICK = dict(classes="10,20", iterations=4, val_every=2, val_tasks=8, eval_queries=3,
-             meta_batch=4, inner_steps="maml=2,fomaml=2", seeds="0,1", multipliers="1,2",
+             meta_batch=4, inner_steps="maml=2,fomaml=2", seeds="0,1", levels=2,
              weight_decay="1e-3", label_smoothing="0.1", dropout="0.1", patience=1,
              test_tasks=16, log_every=1, min_drop=-1.0)
 
@@ -475,12 +481,29 @@ def support_level(s: dict, ckpt: Path) -> float:
                for k in steps) / len(steps)
 
 
+def geometric_levels(end: float, peak: float, n: int) -> list[float]:
+    """``n`` levels spaced geometrically above ``end`` up to ``peak``: end·r^i, i = 1..n.
+
+    A run with no loss range to span (``peak`` below twice ``end``: it did not overfit, as
+    in a smoke run) gets levels up to 4·end instead.
+
+    >>> geometric_levels(0.001, 0.1, 2)
+    [0.01, 0.1]
+    """
+    if n < 1 or end <= 0:
+        raise ValueError(f"need n >= 1 levels above a positive loss, got n={n}, end={end}")
+    peak = peak if peak >= 2 * end else 4 * end
+    ratio = (peak / end) ** (1 / n)
+    return [float(f"{end * ratio ** i:.3g}") for i in range(1, n + 1)]
+
+
 def flood_levels(args, algo: str, classes: int | None) -> dict:
-    """The levels of each flood for ``algo``, from the first seed's unflooded run; written
-    once to ``levels_*.json`` and read back, so that a resumed study keeps them."""
+    """The levels of each flood for ``algo``, from the first seed's unflooded run: between
+    its losses at the end and at the validation peak. Written once to ``levels_*.json`` and
+    read back, so that a resumed study keeps them."""
     s = spec(args, algo, classes, args.seeds[0])
     path = args.runs / f"levels_{s['name']}.json"
-    key = {"multipliers": args.multipliers, "outer_levels": args.outer_levels,
+    key = {"levels": args.levels, "outer_levels": args.outer_levels,
            "inner_levels": args.inner_levels}
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -490,21 +513,24 @@ def flood_levels(args, algo: str, classes: int | None) -> dict:
     if record is None or "diverged" in record:
         sys.exit(f"the unflooded run {s['name']} must finish before the flood levels are set")
     p = paths(args, s["name"])
-    query = tail_mean(read_log(p["log"]), train_loss)
-    support = support_level(s, p["ckpt"])
-
-    def sig(x: float) -> float:
-        return float(f"{x:.3g}")
-
-    out = {"key": key, "run": s["name"], "final_train_query_loss": query,
-           "final_support_loss": support,
-           "outer": args.outer_levels or [sig(m * query) for m in args.multipliers],
-           "inner": args.inner_levels or [sig(m * support) for m in args.multipliers]}
+    records = read_log(p["log"])
+    peak_it = record["best"]["iteration"]
+    at_peak = next(q for q in curves(records) if q["iteration"] == peak_it)
+    query = {"end": tail_mean(records, train_loss), "peak": at_peak["train_loss"]}
+    support = {"end": support_level(s, p["ckpt"]), "peak": support_level(s, p["best"])}
+    out = {"key": key, "run": s["name"], "peak_iteration": peak_it,
+           "train_query_loss": query, "support_loss": support,
+           "outer": args.outer_levels or geometric_levels(query["end"], query["peak"],
+                                                          args.levels),
+           "inner": args.inner_levels or geometric_levels(support["end"], support["peak"],
+                                                          args.levels)}
     out["iflood"] = out["inner"]
     atomic_write(path, lambda f: f.write(json.dumps(out, indent=1).encode()))
     commit(args, [path], f"flooding_regime: flood levels of {algo}")
-    print(f"  {algo} levels: outer {out['outer']} (final train query loss {query:.4g}), "
-          f"inner and iFlood {out['inner']} (support loss {support:.4g})", flush=True)
+    print(f"  {algo} levels: outer {out['outer']} (training query loss {query['end']:.3g} at "
+          f"the end, {query['peak']:.3g} at the validation peak, iteration {peak_it}), inner "
+          f"and iFlood {out['inner']} (support loss {support['end']:.3g}, "
+          f"{support['peak']:.3g})", flush=True)
     return out
 
 
@@ -835,8 +861,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--inner-steps", help=f"K, or maml=K,fomaml=K {d}")
     parser.add_argument("--seeds", help=f"(the pilot uses the first) {d}")
     parser.add_argument("--floods", help=f"{d}")
-    parser.add_argument("--multipliers", help=f"flood levels: these times the unflooded run's "
-                        f"final loss {d}")
+    parser.add_argument("--levels", type=int, help=f"flood levels per flood, spaced "
+                        f"geometrically between the unflooded run's losses at the end and at "
+                        f"the validation peak {d}")
     parser.add_argument("--outer-levels", help="absolute outer flood levels instead")
     parser.add_argument("--inner-levels", help="absolute inner flood (and iFlood) levels "
                         "instead")
@@ -890,7 +917,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.classes = [None if c == "all" else int(c) for c in args.classes.split(",") if c]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.inner_steps = per_algorithm(args.inner_steps)
-    args.multipliers = numbers(args.multipliers)
+    if args.levels < 1:
+        parser.error(f"--levels must be at least 1, got {args.levels}")
     args.outer_levels = numbers(args.outer_levels) if args.outer_levels else None
     args.inner_levels = numbers(args.inner_levels) if args.inner_levels else None
     for name in ("weight_decay", "label_smoothing", "dropout"):

@@ -116,7 +116,7 @@ def test_run_names_have_no_dots_and_differ_with_the_config():
 def test_a_tiny_study_runs_end_to_end_and_skips_finished_runs(omniglot_images, tmp_path,
                                                               capsys):
     argv = ["all", "--quick", "--algorithms", "fomaml", "--classes", "10", "--floods", "outer",
-            "--regularisers", "early_stopping", "--multipliers", "1", "--iterations", "2",
+            "--regularisers", "early_stopping", "--levels", "1", "--iterations", "2",
             "--val-every", "1", "--test-tasks", "4", "--runs", str(tmp_path),
             "--out-dir", str(tmp_path), "--no-malloc-reuse"]
     fr.main(argv)
@@ -143,7 +143,7 @@ def test_workers_train_the_same_runs(omniglot_images, tmp_path):
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         fr.main(["sweep", "--quick", "--algorithms", "fomaml", "--train-classes", "10",
-                 "--floods", "outer", "--multipliers", "1", "--iterations", "2",
+                 "--floods", "outer", "--levels", "1", "--iterations", "2",
                  "--val-every", "1", "--runs", str(out), "--out-dir", str(out),
                  "--no-malloc-reuse", "--workers", str(workers)])
         logs[workers] = {p.name: fr.read_log(p) for p in sorted(out.glob("*.jsonl"))
@@ -157,3 +157,13 @@ def test_workers_train_the_same_runs(omniglot_images, tmp_path):
         for a, b in zip(log, logs[2][name], strict=True):
             if "loss" in a:
                 assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_flood_levels_span_the_end_loss_to_the_peak_loss_geometrically():
+    levels = fr.geometric_levels(0.0005, 0.168, 4)
+    assert len(levels) == 4 and levels[-1] == pytest.approx(0.168)
+    ratios = [b / a for a, b in zip([0.0005, *levels], levels)]
+    assert ratios == pytest.approx([(0.168 / 0.0005) ** 0.25] * 4, rel=2e-3)
+    assert fr.geometric_levels(0.01, 0.015, 2) == [0.02, 0.04]  # no range: up to 4x the end
+    with pytest.raises(ValueError, match="positive"):
+        fr.geometric_levels(0.0, 0.1, 4)
