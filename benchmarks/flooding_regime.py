@@ -812,11 +812,25 @@ def plot_summary(result: dict, path: Path) -> None:
     for j, algo in enumerate(algos):
         e = result["algorithms"][algo]
         top, bottom = axes[0][j], axes[1][j]
-        for r in e["base"]:  # the unflooded runs' curves
-            c = r["curve"]
-            top.plot([p["iteration"] for p in c], [100 * p["val_accuracy"] for p in c],
-                     color="k", alpha=0.6, lw=1)
-        top.set_title(f"{algo}: unflooded runs, validation accuracy %")
+        # Validation curves, the mean over seeds: b = 0 and each method at its chosen level.
+        curves_of = {"b = 0": e["base"]}
+        for method, m in e["methods"].items():
+            b = m["final"]["selected_level"]
+            if b:
+                curves_of[f"{method} {b:g}"] = [r for r in m["runs"] if r["level"] == b]
+        for label, runs in curves_of.items():
+            runs = [r for r in runs if "curve" in r]
+            if not runs:
+                continue
+            n = min(len(r["curve"]) for r in runs)
+            x = [p["iteration"] for p in runs[0]["curve"][:n]]
+            y = [100 * sum(r["curve"][i]["val_accuracy"] for r in runs) / len(runs)
+                 for i in range(n)]
+            top.plot(x, y, lw=1.5 if label == "b = 0" else 1,
+                     color="k" if label == "b = 0" else None, label=label)
+        top.legend(fontsize=7)
+        top.set_title(f"{algo}: validation accuracy %, mean over seeds\n(b = 0, and each "
+                      "method at the level chosen on validation)", fontsize=9)
         top.set_xlabel("meta-iteration")
         names, means, errs = [], [], []
         for method, m in e["methods"].items():
