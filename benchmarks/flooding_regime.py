@@ -67,8 +67,10 @@ validation accuracy for final checkpoints, of the best one for best checkpoints;
 the smaller level, and b = 0 is a candidate), its test accuracy against b = 0 as a paired
 difference across seeds with a 95% t-interval, against early stopping likewise, and for
 the floods how often the flood was active (``inner_flood_active`` / ``outer_flood_active``
-of the training log: the share of tasks, or of examples for iFlood, whose loss was below
-b; mean over training and over its last 10%). Writes ``{out}.json`` and ``{out}.png``.
+of the training log: the share of meta-iterations whose meta-batch mean query loss was
+below b for the outer flood, of tasks' inner steps whose support loss was for the inner
+flood, of examples for iFlood; mean over training and over its last 10%). Writes
+``{out}.json`` and ``{out}.png``.
 
 Every run goes through ``metalearn.train(..., checkpoint=..., resume=True)`` in ``--runs``
 (default ``benchmarks/results/flooding_regime/``): a killed study, started again with the

@@ -108,11 +108,13 @@ def _add_run_options(p: argparse.ArgumentParser, iterations_help: str) -> None:
                    "carry Adam's moments across tasks, as the reference code does (carried, "
                    "the default), or start them fresh for every task (task)")
     a.add_argument("--inner-flood", type=_non_negative_float, help="flood level b of the "
-                   "inner loss (0 = off)")
+                   "inner loss: each task's support loss, or each support example's with "
+                   "iFlood (0 = off)")
     a.add_argument("--flood-mode", choices=("batch", "instance"), default="batch",
                    help="batch = flooding (Ishida et al.), instance = iFlood (Xie et al.)")
     a.add_argument("--outer-flood", type=_non_negative_float, help="flood level b of the "
-                   "outer (query) loss (default: off)")
+                   "outer loss: the meta-batch's mean query loss, or each query example's "
+                   "with iFlood (default: off)")
     a.add_argument("--label-smoothing", type=_non_negative_float, default=0.0,
                    help="label smoothing of the classification losses (default 0)")
     o = p.add_argument_group("outer loop")

@@ -31,6 +31,9 @@ def final_params(path):
 
 @pytest.mark.parametrize("algorithm, extra", [
     ("maml", []),
+    # The batch outer flood turns on the whole meta-batch's mean: the ranks all-reduce it
+    # (a level below the mean of a 2-task shard, and above the meta-batch's, at times).
+    ("maml", ["--outer-flood", "6"]),
     ("reptile", ["--inner-batch", "4", "--schedule", "constant"]),
     # Adam's state carried across tasks: the ranks fold their tasks' terms together.
     ("reptile", ["--inner-batch", "4", "--schedule", "constant", "--inner-optimizer", "adam",

@@ -96,7 +96,9 @@ def _by_hand(maml, batch, steps, inner, outer, mode):
         outer_active.append(active(q, outer))
         query.append(q.mean().item())
     n = len(batch)
-    return sum(inner_active) / n, sum(outer_active) / n, sum(query) / n
+    # The batch-mode outer flood floods the meta-batch's mean query loss: active or not.
+    outer = (float(sum(query) / n < outer) if mode == "batch" else sum(outer_active) / n)
+    return sum(inner_active) / n, outer, sum(query) / n, sum(outer_active) / n
 
 
 @pytest.mark.parametrize("mode", ["batch", "instance"])
@@ -108,13 +110,14 @@ def test_step_reports_flood_activity_as_computed_by_hand(mode, first_order, memo
     batch = SineTasks(shots=5, queries=5, seed=3).sample(6)
     maml = MAML(MLP(), 0.02, steps, first_order=first_order, inner_flood=inner,
                 outer_flood=outer, flood_mode=mode, memory_saving=memory_saving)
-    expected = _by_hand(maml, batch, steps, inner, outer, mode)
+    *expected, per_task = _by_hand(maml, batch, steps, inner, outer, mode)
     metrics = maml.step(batch)
     assert set(metrics) == {"loss", "query_loss", "inner_flood_active", "outer_flood_active"}
     got = (metrics["inner_flood_active"], metrics["outer_flood_active"], metrics["query_loss"])
     assert got == pytest.approx(expected, abs=1e-5)
-    # The levels sit inside the losses' range, so the check is not of all-or-nothing values.
-    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    # The levels sit inside the losses' range, so the check is not of all-or-nothing values
+    # (in batch mode, per task: a per-task outer flood would have reported 0 < per_task < 1).
+    assert 0 < expected[0] < 1 and 0 < per_task < 1
 
 
 def test_unflooded_step_reports_what_it_did_before():
@@ -147,3 +150,68 @@ def test_measuring_the_inner_flood_changes_no_gradient_even_with_dropout(monkeyp
     plain = grads(False)
     for a, b in zip(measured, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- the outer flood: the meta-batch's mean query loss (batch mode) ---------------------------
+def _outer_learners():
+    from metalearn import ANIL, FOMAML, IMAML, MAML, MAMLPlusPlus, MetaSGD
+
+    return {
+        "maml": lambda **kw: MAML(MLP(), 0.02, 2, **kw),
+        "maml memory_saving": lambda **kw: MAML(MLP(), 0.02, 2, memory_saving=True, **kw),
+        "fomaml": lambda **kw: FOMAML(MLP(), 0.02, 2, **kw),
+        "meta-sgd": lambda **kw: MetaSGD(MLP(), 0.02, 2, **kw),
+        "anil": lambda **kw: ANIL(MLP(), 0.02, 2, **kw),
+        # The final step's loss alone, so that the objective is the tasks' mean query loss.
+        "maml++": lambda **kw: MAMLPlusPlus(MLP(), 0.02, 2, multi_step_loss=False, **kw),
+        "imaml": lambda **kw: IMAML(MLP(), 0.02, 2, lam=1.0, cg_steps=3, **kw),
+    }
+
+
+def _outer_step(name, compiled=False, **kw):
+    """Meta-gradient and metrics of one step from seed-0 weights, and the tasks' query
+    losses at the adapted weights."""
+    from metalearn.kernels import kernel_settings
+
+    torch.manual_seed(0)
+    learner = _outer_learners()[name](**kw)
+    batch = SineTasks(shots=5, queries=5, seed=7).sample(6)
+    with kernel_settings(compile=compiled):
+        metrics = learner.step(batch)
+    grads = [p.grad.clone() for p in learner.meta_parameters()]
+    with torch.no_grad():
+        fast = learner.adapt(batch.support_x, batch.support_y)
+        per_task = ((learner.predict(fast, batch.query_x) - batch.query_y) ** 2).mean((1, 2))
+    return grads, metrics, per_task
+
+
+@pytest.mark.parametrize("name, compiled", [(n, False) for n in _outer_learners()]
+                         + [("fomaml", True)])
+def test_batch_outer_flood_floods_the_meta_batch_mean_not_each_task(name, compiled):
+    plain, metrics, per_task = _outer_step(name, compiled)
+    mean = per_task.mean().item()
+    assert metrics["loss"] == pytest.approx(mean, rel=1e-5)  # the same tasks, the same loss
+    # A level above the mean, though below some tasks' losses: the whole meta-gradient turns
+    # (a per-task flood would turn only the tasks below it) ...
+    level = mean + 0.25 * (per_task.max().item() - mean)
+    assert (per_task > level).any() and (per_task < level).any()
+    flooded, fm, _ = _outer_step(name, compiled, outer_flood=level)
+    for g, p in zip(flooded, plain):
+        torch.testing.assert_close(g, -p, rtol=1e-5, atol=1e-7)
+    assert fm["outer_flood_active"] == 1.0
+    assert fm.get("objective", fm["loss"]) == pytest.approx(2 * level - mean, rel=1e-4)
+    # ... and a level below the mean, though above some tasks' losses, changes nothing.
+    level = per_task.min().item() + 0.5 * (mean - per_task.min().item())
+    kept, km, _ = _outer_step(name, compiled, outer_flood=level)
+    for g, p in zip(kept, plain):
+        torch.testing.assert_close(g, p, rtol=1e-5, atol=1e-7)
+    assert km["outer_flood_active"] == 0.0
+
+
+def test_a_shard_without_a_process_group_cannot_take_the_meta_batch_mean():
+    learner = MAML(MLP(), 0.02, 1, outer_flood=0.5)
+    batch = SineTasks(seed=0).sample(4)
+    with pytest.raises(RuntimeError, match="process group"):
+        learner.step(batch[:2], shard=(0, 4))
+    learner.step(batch, shard=(0, 4))  # the whole meta-batch: nothing to reduce
+    MAML(MLP(), 0.02, 1, outer_flood=0.5, flood_mode="instance").step(batch[:2], shard=(0, 4))

@@ -71,7 +71,8 @@ def tasks(loss_name: str, num=3, shots=4, queries=5, seed=1) -> TaskBatch:
 
 def unrolled(model, batch, steps, lr, loss_fn, first_order=False, inner=None,
              inner_flood=None, outer_flood=None, mode="batch", weights=None, extra=()):
-    """Gradients of the mean query objective after per-task SGD, by name.
+    """Gradients of the mean query objective after per-task SGD, by name. The outer flood
+    floods each query example (iFlood) or the mean over the tasks (batch mode).
 
     ``lr(name, step)``: the step size (a float or a leaf tensor in ``extra``); ``inner``:
     the adapted names (ANIL); ``weights``: the multi-step loss' weights per step (MAML++).
@@ -86,7 +87,8 @@ def unrolled(model, batch, steps, lr, loss_fn, first_order=False, inner=None,
 
         def query(f, i=i):
             out = functional_call(model, f, (batch.query_x[i],))
-            return flood(loss_fn(out, batch.query_y[i]), outer_flood, mode)
+            return flood(loss_fn(out, batch.query_y[i]),
+                         outer_flood if mode == "instance" else None, mode)
 
         for s in range(steps):
             out = functional_call(model, fast, (batch.support_x[i],))
@@ -98,6 +100,8 @@ def unrolled(model, batch, steps, lr, loss_fn, first_order=False, inner=None,
                 objective = objective + weights[s] * query(fast)
         total = total + (query(fast) if weights is None else objective)
     loss = total / len(batch)
+    if mode == "batch" and outer_flood is not None:
+        loss = (loss - outer_flood).abs() + outer_flood
     leaves = {**theta, **dict(extra)}
     return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()),
                                                 allow_unused=True)))

@@ -6,11 +6,18 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.func import vmap
 
 from metalearn.algorithms.functional_model import FunctionalModel, Params
-from metalearn.algorithms.losses import TaskLoss, accuracy, flood_active, flooded_mean
+from metalearn.algorithms.losses import (
+    TaskLoss,
+    accuracy,
+    flood_active,
+    flood_from_mean,
+    flooded_mean,
+)
 from metalearn.data.task_batch import TaskBatch
 
 
@@ -141,18 +148,20 @@ class MetaLearner(nn.Module):
     def _query_terms(self, params: Params, x: torch.Tensor, y: torch.Tensor, order: int = 1
                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """:meth:`query_loss`, and with an outer flood the query loss before flooding
-        (``query_loss``) and its activity (``outer_flood_active``, see
-        :func:`~metalearn.algorithms.losses.flood_active`)."""
-        level = self.loss.outer_flood
-        if level is None:
+        (``query_loss``) and, for iFlood, its activity (``outer_flood_active``, see
+        :func:`~metalearn.algorithms.losses.flood_active`; the batch flood's is the
+        meta-batch's, :meth:`_flood_meta_batch`)."""
+        if self.loss.outer_flood is None:
             return (*self.query_loss(params, x, y, order), {})
         out = self.fmodel(params, x, order)
         losses = self.loss.per_example(out, y)
+        level = self.loss.task_outer_level
         loss = flooded_mean(losses, level, self.loss.flood_mode)
         metric = accuracy(out, y) if not y.dtype.is_floating_point else loss.detach()
-        return loss, metric, {"query_loss": losses.detach().mean(),
-                              "outer_flood_active": flood_active(losses, level,
-                                                                 self.loss.flood_mode)}
+        stats = {"query_loss": losses.detach().mean()}
+        if level is not None:
+            stats["outer_flood_active"] = flood_active(losses, level, self.loss.flood_mode)
+        return loss, metric, stats
 
     def _inner_flood_active(self, points: list[Params], x: torch.Tensor, y: torch.Tensor
                             ) -> torch.Tensor:
@@ -168,13 +177,21 @@ class MetaLearner(nn.Module):
                 for p in points]
         return torch.stack(active).mean()
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The outer objective with its autograd graph, and the per-task query metric.
+    def meta_loss(self, batch: TaskBatch, shard: tuple[int, int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outer objective with its graph, and the per-task query metric.
 
         By default the mean query loss after the inner loop, differentiated through it
-        (unrolled, or first order). :meth:`step` differentiates it; the memory profile
-        measures the graph it keeps.
+        (unrolled, or first order), flooded at ``outer_flood`` in batch mode (the mean over
+        the whole meta-batch when ``shard`` says ``batch`` is a part of it, see
+        :meth:`step`). :meth:`step` differentiates it; the memory profile measures the
+        graph it keeps.
         """
+        loss, metric = self._meta_objective(batch)
+        return self._flood_meta_batch(loss, shard, len(batch)), metric
+
+    def _meta_objective(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`meta_loss` before the meta-batch flood; sets ``_flood_stats``."""
         self._check_batch(batch)
         losses, metric, stats = vmap(self._task_meta_loss, in_dims=(None, 0, 0, 0, 0),
                                      randomness="different")(
@@ -195,15 +212,20 @@ class MetaLearner(nn.Module):
 
         Metrics: ``loss`` (the outer objective, flooded if ``outer_flood`` is set) and, for
         classification, ``accuracy`` of the queries. With flooding, also how often the
-        flood acted, averaged over the batch's tasks (see
-        :func:`~metalearn.algorithms.losses.flood_active`): ``outer_flood_active``, the
-        fraction of tasks whose query loss was below the level (``flood_mode="batch"``) or
-        of query examples (``"instance"``), with ``query_loss``, the query loss before
-        flooding; ``inner_flood_active``, the same for the support loss at every inner
-        step (the weights its gradient is taken at), over tasks and steps.
+        flood acted (see :func:`~metalearn.algorithms.losses.flood_active`):
+        ``outer_flood_active``, 1.0 if the meta-batch's mean query loss was below the level
+        (``flood_mode="batch"``) else 0.0, or the fraction of query examples below it
+        (``"instance"``), with ``query_loss``, the query loss before flooding;
+        ``inner_flood_active``, the fraction of the support losses below the inner level
+        (of tasks, or of examples with iFlood) at every inner step (the weights its
+        gradient is taken at), over tasks and steps.
+
+        The batch-mode outer flood acts on the mean query loss of the whole meta-batch, so
+        a step on a ``shard`` all-reduces that mean over the ``torch.distributed`` group
+        before it differentiates (one scalar per step).
         """
         self._flood_stats = {}
-        loss, metric = self.meta_loss(batch)
+        loss, metric = self.meta_loss(batch, shard)
         loss.backward()
         metrics = {"loss": loss.item()}
         if batch.is_classification:
@@ -211,6 +233,53 @@ class MetaLearner(nn.Module):
         metrics.update({k: v.item() for k, v in self._flood_stats.items()})
         self._flood_stats = {}
         return metrics
+
+    # -- the meta-batch flood (outer_flood, flood_mode="batch") --------------------------
+    def _meta_batch_mean(self, value: torch.Tensor, shard: tuple[int, int] | None,
+                         count: int) -> torch.Tensor:
+        """The whole meta-batch's mean of a per-shard mean ``value`` over ``count`` tasks."""
+        if shard is None or count == shard[1]:
+            return value
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                f"outer_flood in batch mode floods the mean query loss of the whole "
+                f"meta-batch, but this step has {count} of its {shard[1]} tasks (shard="
+                f"{shard}) and no torch.distributed process group to take the mean with; "
+                "start the group (metalearn.distributed.DistContext.from_env) or step on "
+                "the whole meta-batch")
+        total = value.detach() * (count / shard[1])
+        dist.all_reduce(total)
+        return total
+
+    def _meta_batch_flood(self, loss: torch.Tensor, shard: tuple[int, int] | None,
+                          count: int) -> tuple[torch.Tensor, float] | None:
+        """The meta-batch's mean query objective and its flood level, for a batch-mode
+        outer flood (None without one); records ``outer_flood_active``."""
+        level = self.loss.meta_batch_level
+        if level is None:
+            return None
+        mean = self._meta_batch_mean(loss.detach(), shard, count)
+        self._flood_stats["outer_flood_active"] = (mean < level).to(mean.dtype)
+        return mean, level
+
+    def _flood_meta_batch(self, loss: torch.Tensor, shard: tuple[int, int] | None,
+                          count: int) -> torch.Tensor:
+        """``loss`` (this shard's mean query objective) under the batch-mode outer flood:
+        :func:`~metalearn.algorithms.losses.flood_from_mean` of the meta-batch's mean."""
+        flood = self._meta_batch_flood(loss, shard, count)
+        return loss if flood is None else flood_from_mean(loss, *flood)
+
+    def _flooded_grads(self, grads: dict[str, torch.Tensor], loss: torch.Tensor,
+                       shard: tuple[int, int] | None, count: int
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """For learners that build the meta-gradient without a graph: ``grads`` of the
+        mean query objective ``loss`` under the batch-mode outer flood, and its value."""
+        flood = self._meta_batch_flood(loss, shard, count)
+        if flood is None:
+            return grads, loss
+        mean, level = flood
+        sign = torch.sign(mean - level)
+        return {n: sign * g for n, g in grads.items()}, (mean - level).abs() + level
 
     @property
     def memory_saving(self) -> bool:

@@ -165,10 +165,18 @@ class IMAML(MetaLearner):
 
     def step(self, batch: TaskBatch, shard: tuple[int, int] | None = None) -> dict[str, float]:
         """Accumulate the mean implicit meta-gradient into ``p.grad``; return query metrics
-        at the adapted weights."""
+        at the adapted weights (with a batch-mode ``outer_flood``, ``loss`` is the flooded
+        mean, ``query_loss`` the mean before it, and the gradient's sign is the flood's)."""
         grads, loss, metric = self.meta_gradient(batch)
-        self._accumulate({k: g.mean(0) for k, g in grads.items()})
-        metrics = {"loss": loss.mean().item()}
+        self._flood_stats = {}
+        mean, value = self._flooded_grads({k: g.mean(0) for k, g in grads.items()},
+                                          loss.mean(), shard, len(batch))
+        self._accumulate(mean)
+        metrics = {"loss": value.item()}
         if batch.is_classification:
             metrics["accuracy"] = metric.mean().item()
+        if self.loss.meta_batch_level is not None:
+            metrics["query_loss"] = loss.mean().item()
+        metrics.update({k: v.item() for k, v in self._flood_stats.items()})
+        self._flood_stats = {}
         return metrics

@@ -53,6 +53,28 @@ def flooded_mean(losses: torch.Tensor, level: float | None, mode: str = "batch")
     raise ValueError(f"unknown flood_mode {mode!r}; choose one of {FLOOD_MODES}")
 
 
+def flood_from_mean(loss: torch.Tensor, mean: torch.Tensor, level: float) -> torch.Tensor:
+    """``loss`` flooded by the sign of another value: ``|mean − b| + b`` in value, and
+    ``sign(mean − b)`` times the gradient of ``loss``.
+
+    The meta-batch flood of the outer loss (``flood_mode="batch"``): ``mean`` is the mean
+    query loss of the whole meta-batch, ``loss`` the part of it this call differentiates (a
+    process's share of the tasks). With ``mean = loss.detach()`` it is ``|loss − b| + b``.
+
+    Example:
+        >>> import torch
+        >>> from metalearn.algorithms.losses import flood_from_mean
+        >>> x = torch.tensor(0.3, requires_grad=True)
+        >>> y = flood_from_mean(2 * x, torch.tensor(0.5), 0.8)   # 0.5 < 0.8: gradient flips
+        >>> y.backward()
+        >>> round(y.item(), 6), x.grad.item()   # |0.5 - 0.8| + 0.8, then -2
+        (1.1, -2.0)
+    """
+    mean = mean.detach()
+    sign = torch.sign(mean - level)
+    return sign * loss + ((mean - level).abs() + level - sign * loss).detach()
+
+
 def flood_active(losses: torch.Tensor, level: float | None, mode: str = "batch"
                  ) -> torch.Tensor:
     """How much of :func:`flooded_mean` at ``level`` is below the flood, where it turns the
@@ -162,7 +184,11 @@ class TaskLoss:
         inner_flood: flood level b of the inner (support) loss; ``None`` or 0 is off.
         outer_flood: flood level of the outer (query) loss; ``None`` or 0 is off.
         flood_mode: ``"batch"`` (flooding, Ishida et al. 2020) or ``"instance"`` (iFlood,
-            Xie et al. 2022); applies to both levels.
+            Xie et al. 2022); applies to both levels. Each loop's batch is flooded: the
+            inner flood floods a task's support loss (the batch an inner step descends),
+            the outer flood the mean query loss of the meta-batch (the batch an outer step
+            descends; the learner applies it, see :func:`flood_from_mean`). iFlood floods
+            every example of either.
         label_smoothing: label smoothing of the default cross-entropy (classification
             only; with ``loss_fn``, smooth inside it).
 
@@ -222,6 +248,19 @@ class TaskLoss:
                             self.flood_mode)
 
     def outer(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The query loss the meta-gradient differentiates."""
-        return flooded_mean(self.per_example(outputs, targets), self.outer_flood,
+        """One task's query loss as the meta-gradient differentiates it: iFlooded per
+        example (``flood_mode="instance"``), or plain, its meta-batch's mean to be flooded
+        by the learner (``"batch"``)."""
+        return flooded_mean(self.per_example(outputs, targets), self.task_outer_level,
                             self.flood_mode)
+
+    @property
+    def task_outer_level(self) -> float | None:
+        """The outer flood level applied within a task: iFlood's; ``None`` in batch mode,
+        where the flood acts on the meta-batch's mean."""
+        return self.outer_flood if self.flood_mode == "instance" else None
+
+    @property
+    def meta_batch_level(self) -> float | None:
+        """The outer flood level applied to the meta-batch's mean query loss (batch mode)."""
+        return self.outer_flood if self.flood_mode == "batch" else None

@@ -91,9 +91,9 @@ class MAML(MetaLearner):
         return inner_loop(loss, params, steps, sgd(self.inner_lr), first_order=first_order,
                           trajectory=trajectory)
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _meta_objective(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.memory_saving:
-            return super().meta_loss(batch)
+            return super()._meta_objective(batch)
         self._check_second_order()  # first_order may have been set since
         self._check_batch(batch)
         params, path = self.fmodel.params(), []
@@ -124,11 +124,14 @@ class MAML(MetaLearner):
                 self, "first_order_step", self._first_order_region, params, batch.support_x,
                 batch.support_y, batch.query_x, batch.query_y, self.inner_steps,
                 steps=self.inner_steps)
+        self._flood_stats = {}
+        grads, loss = self._flooded_grads(grads, losses.mean(), shard, len(batch))
         self._accumulate(grads)
-        metrics = {"loss": losses.mean().item()}
+        metrics = {"loss": loss.item()}
         if batch.is_classification:
             metrics["accuracy"] = metric.mean().item()
-        metrics.update({k: v.mean().item() for k, v in stats.items()})
+        metrics.update({k: v.mean().item() for k, v in {**stats, **self._flood_stats}.items()})
+        self._flood_stats = {}
         return metrics
 
     def _first_order_region(self, params: Params, support_x: torch.Tensor,

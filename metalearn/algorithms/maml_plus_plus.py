@@ -211,19 +211,26 @@ class MAMLPlusPlus(MetaLearner):
             batch.query_y)
         return objective.mean(), final.mean(), metric
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (multi-step) outer objective with its graph, and the per-task final metric."""
+    def _meta_objective(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (multi-step) outer objective with its graph, and the per-task final metric;
+        :meth:`meta_loss` floods it (``outer_flood``, batch mode)."""
         objective, _, metric = self._meta_terms(batch)
         return objective, metric
 
     def step(self, batch: TaskBatch, shard: tuple[int, int] | None = None) -> dict[str, float]:
         """Accumulate the meta-gradient into ``.grad`` of the learner's parameters, advance
         ``iteration``; ``loss`` is the final step's query loss, ``objective`` the
-        differentiated (multi-step) loss."""
+        differentiated (multi-step) loss, flooded over the meta-batch by a batch-mode
+        ``outer_flood`` (then also ``outer_flood_active``, as in
+        :meth:`MetaLearner.step`)."""
+        self._flood_stats = {}
         objective, final, metric = self._meta_terms(batch)
+        objective = self._flood_meta_batch(objective, shard, len(batch))
         objective.backward()
         self.iteration = self.iteration + 1
         metrics = {"loss": final.item(), "objective": objective.item()}
         if batch.is_classification:
             metrics["accuracy"] = metric.mean().item()
+        metrics.update({k: v.item() for k, v in self._flood_stats.items()})
+        self._flood_stats = {}
         return metrics
