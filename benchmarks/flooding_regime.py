@@ -723,6 +723,7 @@ def summary(args) -> dict:
     if pilot_path.is_file():
         result["pilot"] = json.loads(pilot_path.read_text())
     print_summary(result)
+    print("\n" + markdown_table(result))
     path = args.out_dir / f"{args.out}.json"
     atomic_write(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
     plot_summary(result, args.out_dir / f"{args.out}.png")
@@ -756,6 +757,49 @@ def print_summary(result: dict) -> None:
                   f"{pct(f['diff_vs_b0'])}, vs early stopping "
                   f"{pct(f['diff_vs_early_stopping'])}{act}; best-val: b={b['selected_level']:g}"
                   f" vs b=0 {pct(b['diff_vs_b0'])}")
+
+
+METHOD_NAMES = {"outer": "outer flood", "inner": "inner flood", "iflood": "inner iFlood",
+                "weight_decay": "weight decay", "label_smoothing": "label smoothing",
+                "dropout": "dropout"}
+
+
+def points(stat: dict, signed: bool = True) -> str:
+    """A mean ± 95% half-width in percentage points, as the docs' table writes it."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    mean = f"{100 * stat['mean']:+.2f}" if signed else f"{100 * stat['mean']:.2f}"
+    mean = mean.replace("-", "−")
+    return mean + (f" ± {100 * stat['ci95']:.2f}" if stat.get("ci95") is not None else "")
+
+
+def markdown_table(result: dict) -> str:
+    """The study's table for the docs: per algorithm, b = 0, early stopping and each method
+    at the level chosen on validation (final checkpoints): its test accuracy, the paired
+    differences against b = 0 and early stopping, and how often a flood acted."""
+    lines = ["| algorithm | method | level chosen on validation | test accuracy, % | "
+             "− b = 0, points | − early stopping, points | flood active: training / last "
+             "10% |", "|---|---|---|---|---|---|---|"]
+    for algo, e in result["algorithms"].items():
+        name = {"maml": "MAML", "fomaml": "FOMAML"}.get(algo, algo)
+        base = mean_ci([r["test_final"] for r in e["base"]])
+        lines.append(f"| {name} | none (b = 0) | – | {points(base, False)} | – | – | – |")
+        if e["early_stopping"]:
+            early = mean_ci([r["test_best"] for r in e["early_stopping"]])
+            lines.append(f"| {name} | early stopping | – | {points(early, False)} | "
+                         f"{points(e['early_stopping_vs_b0_final'])} | – | – |")
+        for method, m in e["methods"].items():
+            f = m["final"]
+            cell = next(c for c in m["per_level"] if c["level"] == f["selected_level"])
+            active = "–"
+            if "active_mean" in cell:
+                active = (f"{100 * cell['active_mean']['mean']:.0f}% / "
+                          f"{100 * cell['active_last10']['mean']:.0f}%")
+            level = "0 (off)" if not f["selected_level"] else f"{f['selected_level']:g}"
+            lines.append(f"| {name} | {METHOD_NAMES.get(method, method)} | {level} | "
+                         f"{points(f['test'], False)} | {points(f['diff_vs_b0'])} | "
+                         f"{points(f['diff_vs_early_stopping'])} | {active} |")
+    return "\n".join(lines) + "\n"
 
 
 # -- output -------------------------------------------------------------------------------

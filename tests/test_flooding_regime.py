@@ -129,6 +129,12 @@ def test_a_tiny_study_runs_end_to_end_and_skips_finished_runs(omniglot_images, t
     assert outer["per_level"][1]["active_mean"]["n"] == 2  # the activity of the flooded runs
     assert entry["early_stopping_vs_b0_final"]["n"] == 2
     assert (tmp_path / "flooding_regime.png").is_file()
+    table = fr.markdown_table(result).splitlines()
+    assert [row.split(" | ")[1] for row in table[2:]] == [
+        "none (b = 0)", "early stopping", "outer flood"]
+    level = f"{outer['final']['selected_level']:g}" if outer["final"]["selected_level"] else \
+        "0 (off)"
+    assert table[-1].split(" | ")[2] == level
     assert (tmp_path / "flooding_regime_pilot.png").is_file()
     assert "starting" in first
     fr.main(argv)  # again: every run is finished, nothing is trained
