@@ -723,7 +723,7 @@ def summary(args) -> dict:
     if pilot_path.is_file():
         result["pilot"] = json.loads(pilot_path.read_text())
     print_summary(result)
-    print("\n" + markdown_table(result))
+    print("\n" + markdown_table(result) + "\n" + markdown_levels_table(result))
     path = args.out_dir / f"{args.out}.json"
     atomic_write(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
     plot_summary(result, args.out_dir / f"{args.out}.png")
@@ -799,6 +799,30 @@ def markdown_table(result: dict) -> str:
             lines.append(f"| {name} | {METHOD_NAMES.get(method, method)} | {level} | "
                          f"{points(f['test'], False)} | {points(f['diff_vs_b0'])} | "
                          f"{points(f['diff_vs_early_stopping'])} | {active} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_levels_table(result: dict) -> str:
+    """Every level of every method: the final checkpoints' test accuracy minus b = 0's, in
+    points, paired over seeds (± 95% half-width), and for floods how often they acted over
+    training; the levels from the lowest to the highest."""
+    width = max((len(m["per_level"]) - 1 for e in result["algorithms"].values()
+                 for m in e["methods"].values()), default=0)
+    lines = ["| algorithm | method | " + " | ".join(f"level {i + 1}" for i in range(width))
+             + " |", "|---|---|" + "---|" * width]
+    for algo, e in result["algorithms"].items():
+        name = {"maml": "MAML", "fomaml": "FOMAML"}.get(algo, algo)
+        for method, m in e["methods"].items():
+            cells = []
+            for c in m["per_level"]:
+                if not c["level"]:
+                    continue
+                active = (f", active {100 * c['active_mean']['mean']:.0f}%"
+                          if "active_mean" in c else "")
+                cells.append(f"{c['level']:g}: {points(c['diff_final_vs_b0'])}{active}")
+            cells += [""] * (width - len(cells))
+            lines.append(f"| {name} | {METHOD_NAMES.get(method, method)} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -135,6 +135,9 @@ def test_a_tiny_study_runs_end_to_end_and_skips_finished_runs(omniglot_images, t
     level = f"{outer['final']['selected_level']:g}" if outer["final"]["selected_level"] else \
         "0 (off)"
     assert table[-1].split(" | ")[2] == level
+    levels = fr.markdown_levels_table(result).splitlines()
+    assert len(levels) == 3 and levels[2].startswith("| FOMAML | outer flood | ")
+    assert f"{outer['levels'][1]:g}: " in levels[2] and "active" in levels[2]
     assert (tmp_path / "flooding_regime_pilot.png").is_file()
     assert "starting" in first
     fr.main(argv)  # again: every run is finished, nothing is trained
