@@ -759,6 +759,7 @@ def print_summary(result: dict) -> None:
                   f" vs b=0 {pct(b['diff_vs_b0'])}")
 
 
+ALGORITHM_NAMES = {"maml": "MAML", "fomaml": "FOMAML"}
 METHOD_NAMES = {"outer": "outer flood", "inner": "inner flood", "iflood": "inner iFlood",
                 "weight_decay": "weight decay", "label_smoothing": "label smoothing",
                 "dropout": "dropout"}
@@ -781,7 +782,7 @@ def markdown_table(result: dict) -> str:
              "− b = 0, points | − early stopping, points | flood active: training / last "
              "10% |", "|---|---|---|---|---|---|---|"]
     for algo, e in result["algorithms"].items():
-        name = {"maml": "MAML", "fomaml": "FOMAML"}.get(algo, algo)
+        name = ALGORITHM_NAMES.get(algo, algo)
         base = mean_ci([r["test_final"] for r in e["base"]])
         lines.append(f"| {name} | none (b = 0) | – | {points(base, False)} | – | – | – |")
         if e["early_stopping"]:
@@ -811,7 +812,7 @@ def markdown_levels_table(result: dict) -> str:
     lines = ["| algorithm | method | " + " | ".join(f"level {i + 1}" for i in range(width))
              + " |", "|---|---|" + "---|" * width]
     for algo, e in result["algorithms"].items():
-        name = {"maml": "MAML", "fomaml": "FOMAML"}.get(algo, algo)
+        name = ALGORITHM_NAMES.get(algo, algo)
         for method, m in e["methods"].items():
             cells = []
             for c in m["per_level"]:
