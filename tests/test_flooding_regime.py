@@ -131,10 +131,13 @@ def test_a_tiny_study_runs_end_to_end_and_skips_finished_runs(omniglot_images, t
     assert (tmp_path / "flooding_regime.png").is_file()
     table = fr.markdown_table(result).splitlines()
     assert [row.split(" | ")[1] for row in table[2:]] == [
-        "none (b = 0)", "early stopping", "outer flood"]
+        "none (b = 0)", "none, best-validation checkpoint", "early stopping", "outer flood"]
     level = f"{outer['final']['selected_level']:g}" if outer["final"]["selected_level"] else \
         "0 (off)"
     assert table[-1].split(" | ")[2] == level
+    best = fr.markdown_best_table(result).splitlines()
+    assert [row.split(" | ")[1] for row in best[2:]] == ["none (b = 0)", "outer flood"]
+    assert best[-1].split(" | ")[4] == fr.points(outer["best"]["diff_vs_b0"])
     levels = fr.markdown_levels_table(result).splitlines()
     assert len(levels) == 3 and levels[2].startswith("| FOMAML | outer flood | ")
     assert f"{outer['levels'][1]:g}: " in levels[2] and "active" in levels[2]
