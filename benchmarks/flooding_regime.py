@@ -926,23 +926,31 @@ def plot_summary(result: dict, path: Path) -> None:
         top.set_title(f"{algo}: validation accuracy %, mean over seeds\n(b = 0, and each "
                       "method at the level chosen on validation)", fontsize=9)
         top.set_xlabel("meta-iteration")
-        names, means, errs = [], [], []
+        # Blue: final checkpoints against b = 0's final one (and the two baselines that
+        # pick a checkpoint on validation); orange: best-validation checkpoints against b =
+        # 0's best-validation checkpoint.
+        bars = []  # (label, final or None, best or None)
         for method, m in e["methods"].items():
-            d = m["final"]["diff_vs_b0"]
-            names.append(f"{method.replace('_', chr(10))}\n{m['final']['selected_level']:g}")
-            means.append(100 * (d["mean"] or 0))
-            errs.append(100 * (d["ci95"] or 0))
-        d = e["early_stopping_vs_b0_final"]
-        if d["n"]:
-            names.append("early\nstopping")
-            means.append(100 * d["mean"])
-            errs.append(100 * (d["ci95"] or 0))
-        bottom.bar(range(len(names)), means, yerr=errs, capsize=3, color="tab:blue")
-        bottom.set_xticks(range(len(names)), names, fontsize=7)
+            bars.append((f"{method.replace('_', chr(10))}\n{m['final']['selected_level']:g}"
+                         f" / {m['best']['selected_level']:g}",
+                         m["final"]["diff_vs_b0"], m["best"]["diff_vs_b0"]))
+        bars.append(("b = 0 best-\nvalidation\ncheckpoint", e["b0_best_vs_b0_final"], None))
+        if e["early_stopping_vs_b0_final"]["n"]:
+            bars.append(("early\nstopping", e["early_stopping_vs_b0_final"], None))
+        for k, (which, color) in enumerate(((1, "tab:blue"), (2, "tab:orange"))):
+            xs = [i + (k - 0.5) * 0.4 for i, bar in enumerate(bars) if bar[which]]
+            ds = [bar[which] for bar in bars if bar[which]]
+            bottom.bar(xs, [100 * (d["mean"] or 0) for d in ds], width=0.4, color=color,
+                       yerr=[100 * (d["ci95"] or 0) for d in ds], capsize=3,
+                       label=("final checkpoints − b = 0's final" if k == 0 else
+                              "best-validation checkpoints − b = 0's"))
+        bottom.set_xticks(range(len(bars)), [bar[0] for bar in bars], fontsize=7)
+        bottom.legend(fontsize=7)
         bottom.axhline(0, color="k", lw=0.8)
-        bottom.set_ylabel("test accuracy − unflooded run's (points;\n"
+        bottom.set_ylabel("test accuracy difference (points;\n"
                           "paired over seeds, 95% t-interval)")
-        bottom.set_title("final checkpoints, level chosen on validation")
+        bottom.set_title("level chosen on validation (final / best-validation checkpoints)",
+                         fontsize=9)
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
     fig.suptitle(f"Omniglot 5-way 1-shot, {result['train_classes']} training characters")
