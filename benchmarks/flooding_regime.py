@@ -681,11 +681,13 @@ def summary(args) -> dict:
     classes = resolve_classes(args)
     tasks = test_tasks(args)
     result = {"header": study_header(args), "train_classes": classes, "algorithms": {}}
+    missing = 0  # planned runs not finished yet (a summary of a study in progress)
     methods = [*args.floods, *(m for m in args.regularisers if m != "early_stopping")]
     for algo in args.algorithms:
         base = {}
         for seed in args.seeds:
             row = run_row(args, spec(args, algo, classes, seed), tasks)
+            missing += row is None
             if row is not None and "diverged" not in row:
                 base[seed] = row
         if not base:
@@ -696,6 +698,7 @@ def summary(args) -> dict:
             for seed in args.seeds:
                 row = run_row(args, spec(args, algo, classes, seed, "early_stopping",
                                          args.patience), tasks)
+                missing += row is None
                 if row is not None and "diverged" not in row:
                     early[seed] = row
         levels_path = args.runs / f"levels_{spec(args, algo, classes, args.seeds[0])['name']}.json"
@@ -714,11 +717,17 @@ def summary(args) -> dict:
                 values = getattr(args, method)
             rows = [run_row(args, spec(args, algo, classes, seed, method, b), tasks)
                     for seed in args.seeds for b in values]
+            missing += sum(r is None for r in rows) + (method in FLOODS and not values)
             rows = [r for r in rows if r is not None]
             if rows:
                 entry["methods"][method] = method_summary(rows, base, early, method)
                 entry["methods"][method]["runs"] = rows
         result["algorithms"][algo] = entry
+    # Complete: every run of every flood and regulariser finished (none left out by flags).
+    result["header"].update(
+        runs_missing=missing,
+        complete=(missing == 0 and set(args.floods) == set(FLOODS)
+                  and set(args.regularisers) == set(REGULARISERS)))
     pilot_path = args.out_dir / f"{args.out}_pilot.json"
     if pilot_path.is_file():
         result["pilot"] = json.loads(pilot_path.read_text())

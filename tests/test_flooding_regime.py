@@ -124,6 +124,8 @@ def test_a_tiny_study_runs_end_to_end_and_skips_finished_runs(omniglot_images, t
     result = json.loads((tmp_path / "flooding_regime.json").read_text())
     entry = result["algorithms"]["fomaml"]
     assert result["train_classes"] == 10 and len(entry["base"]) == 2
+    # Every run of the floods and regularisers asked for finished, but not all of them.
+    assert result["header"]["runs_missing"] == 0 and not result["header"]["complete"]
     outer = entry["methods"]["outer"]
     assert outer["levels"][0] == 0.0 and len(outer["levels"]) == 2
     assert outer["per_level"][1]["active_mean"]["n"] == 2  # the activity of the flooded runs
