@@ -784,6 +784,11 @@ def points(stat: dict, signed: bool = True) -> str:
     return mean + (f" ± {100 * stat['ci95']:.2f}" if stat.get("ci95") is not None else "")
 
 
+def chosen_level(choice: dict) -> str:
+    """The level chosen on validation as the tables write it (b = 0 as "0 (off)")."""
+    return f"{choice['selected_level']:g}" if choice["selected_level"] else "0 (off)"
+
+
 def markdown_table(result: dict) -> str:
     """The study's table for the docs: per algorithm, b = 0, early stopping and each method
     at the level chosen on validation (final checkpoints): its test accuracy, the paired
@@ -809,8 +814,8 @@ def markdown_table(result: dict) -> str:
             if "active_mean" in cell:
                 active = (f"{100 * cell['active_mean']['mean']:.0f}% / "
                           f"{100 * cell['active_last10']['mean']:.0f}%")
-            level = "0 (off)" if not f["selected_level"] else f"{f['selected_level']:g}"
-            lines.append(f"| {name} | {METHOD_NAMES.get(method, method)} | {level} | "
+            lines.append(f"| {name} | {METHOD_NAMES.get(method, method)} | "
+                         f"{chosen_level(f)} | "
                          f"{points(f['test'], False)} | {points(f['diff_vs_b0'])} | "
                          f"{points(f['diff_vs_early_stopping'])} | {active} |")
     return "\n".join(lines) + "\n"
@@ -828,8 +833,8 @@ def markdown_best_table(result: dict) -> str:
         lines.append(f"| {name} | none (b = 0) | – | {points(best, False)} | – | – |")
         for method, m in e["methods"].items():
             b = m["best"]
-            level = "0 (off)" if not b["selected_level"] else f"{b['selected_level']:g}"
-            lines.append(f"| {name} | {METHOD_NAMES.get(method, method)} | {level} | "
+            lines.append(f"| {name} | {METHOD_NAMES.get(method, method)} | "
+                         f"{chosen_level(b)} | "
                          f"{points(b['test'], False)} | {points(b['diff_vs_b0'])} | "
                          f"{points(b['diff_vs_early_stopping'])} |")
     return "\n".join(lines) + "\n"
