@@ -732,8 +732,7 @@ def summary(args) -> dict:
     if pilot_path.is_file():
         result["pilot"] = json.loads(pilot_path.read_text())
     print_summary(result)
-    print("\n" + markdown_table(result) + "\n" + markdown_best_table(result) + "\n"
-          + markdown_levels_table(result))
+    print("\n" + markdown_results(result))
     path = args.out_dir / f"{args.out}.json"
     atomic_write(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
     plot_summary(result, args.out_dir / f"{args.out}.png")
@@ -862,6 +861,26 @@ def markdown_levels_table(result: dict) -> str:
             lines.append(f"| {name} | {METHOD_NAMES.get(method, method)} | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def markdown_results(result: dict) -> str:
+    """The docs' results block: what the summary covers and the three tables, each with the
+    sentence that says what it shows (``tests`` check the docs hold it verbatim)."""
+    h = result["header"]
+    status = ("All runs are in." if h.get("complete") else
+              f"The study is still running: {h.get('runs_missing')} runs are still to "
+              "finish, and the tables cover those finished.")
+    return (f"{status} Test accuracy on 600 tasks; differences in points, paired over the "
+            "seeds, with 95% t-intervals.\n\n"
+            "Each method at the level chosen on validation, final checkpoints (a level of "
+            "\"0 (off)\": none of its levels beat b = 0, no regulariser, on validation):\n\n"
+            + markdown_table(result)
+            + "\nThe same choice among best-validation checkpoints (each run's checkpoint at "
+            "its best validation accuracy):\n\n"
+            + markdown_best_table(result)
+            + "\nEvery level, final checkpoints, minus b = 0 (\"active\": the share of the "
+            "training steps, or of the inner steps, at which the flood acted):\n\n"
+            + markdown_levels_table(result))
 
 
 # -- output -------------------------------------------------------------------------------

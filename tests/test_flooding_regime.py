@@ -181,3 +181,13 @@ def test_flood_levels_span_the_end_loss_to_the_peak_loss_geometrically():
     assert fr.geometric_levels(0.01, 0.015, 2) == [0.02, 0.04]  # no range: up to 4x the end
     with pytest.raises(ValueError, match="positive"):
         fr.geometric_levels(0.0, 0.1, 4)
+
+
+def test_the_docs_give_the_committed_summarys_tables():
+    """docs/reproductions.md quotes the study's tables as the committed summary writes them
+    (regenerate with ``summary``, which prints the block, when the results change)."""
+    root = fr.Path(fr.__file__).resolve().parent.parent
+    result = json.loads((root / "benchmarks/results/flooding_regime.json").read_text())
+    docs = (root / "docs/reproductions.md").read_text()
+    assert fr.markdown_results(result) in docs
+    assert result["header"]["complete"] or result["header"]["runs_missing"] > 0
