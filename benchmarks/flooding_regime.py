@@ -59,17 +59,19 @@ give absolute levels instead.
 ``--label-smoothing`` and ``--dropout`` levels, and with early stopping: ``--patience``
 validations without improvement, its best-validation checkpoint tested.
 
-``summary`` tests every finished run's final checkpoint and its best-validation checkpoint
+Each run, as it finishes, tests its final checkpoint and its best-validation checkpoint
 on 600 fixed test tasks (seed ``metalearn.bench.TEST_SEED``, ``metalearn.evaluate`` at the
-training step count; inner-flooded runs also without the flood at test time), then per
-algorithm and method: the level chosen on validation (mean over seeds of the final
-validation accuracy for final checkpoints, of the best one for best checkpoints; ties to
-the smaller level, and b = 0 is a candidate), its test accuracy against b = 0 as a paired
-difference across seeds with a 95% t-interval, against early stopping likewise, and for
-the floods how often the flood was active (``inner_flood_active`` / ``outer_flood_active``
-of the training log: the share of meta-iterations whose meta-batch mean query loss was
-below b for the outer flood, of tasks' inner steps whose support loss was for the inner
-flood, of examples for iFlood; mean over training and over its last 10%). Writes
+training step count; inner-flooded runs also without the flood at test time) and keeps
+the result in its ``.eval.json``, since the checkpoints are not committed. ``summary``
+tests any finished run not yet tested, then gives per algorithm and method: the level
+chosen on validation (mean over seeds of the final validation accuracy for final
+checkpoints, of the best one for best checkpoints; ties to the smaller level, and b = 0
+is a candidate), its test accuracy against b = 0 as a paired difference across seeds with
+a 95% t-interval, against early stopping likewise, and for the floods how often the flood
+was active (``inner_flood_active`` / ``outer_flood_active`` of the training log: the
+share of meta-iterations whose meta-batch mean query loss was below b for the outer
+flood, of tasks' inner steps whose support loss was for the inner flood, of examples for
+iFlood; mean over training and over its last 10%). Writes
 ``{out}.json`` and ``{out}.png``.
 
 Every run goes through ``metalearn.train(..., checkpoint=..., resume=True)`` in ``--runs``
@@ -78,10 +80,10 @@ same command, resumes the run in progress exactly and skips the finished ones (a
 ``.record.json`` beside each finished run). Each run's file names carry a digest of its
 config, so runs of different budgets never share files and identical runs (the pilot's
 seed-0 run at the chosen N and the sweep's b = 0 run) are trained once. The logs
-(``.jsonl``) and records are small and meant to be committed (``--commit`` commits them
-after every run); the checkpoints (``.pt``) are git-ignored. Runs go one at a time, or
-``--workers N`` at once, each in a single-threaded process of its own (2 on a 2-core CPU:
-``benchmarks/results/threads_vs_processes.json``).
+(``.jsonl``), records and tests (``.eval.json``) are small and meant to be committed
+(``--commit`` commits them after every run); the checkpoints (``.pt``) are git-ignored.
+Runs go one at a time, or ``--workers N`` at once, each in a single-threaded process of
+its own (2 on a 2-core CPU: ``benchmarks/results/threads_vs_processes.json``).
 ``cpu.jsonl`` there records once a minute how many cores other processes used, and each
 run's record the share of its session's minutes in which they used more than a quarter of
 one (``cpu_shared_share``).
@@ -330,12 +332,16 @@ def run(args, s: dict, index: str = "") -> dict:
                   seconds_per_iteration=seconds / done if done else None,
                   threads=torch.get_num_threads(), cpu_shared_share=shared)
     atomic_write(p["record"], lambda f: f.write(json.dumps(record, indent=1).encode()))
+    if "diverged" not in record:
+        # Tested now, while its checkpoints are on disk: they are git-ignored, so a study
+        # continued from a fresh clone has only the committed logs, records and tests.
+        evaluate_run(args, record, test_tasks(args))
     points = curves(read_log(p["log"]))
     tail = (f"val peak {100 * max(q['val_accuracy'] for q in points):.1f}%, final "
             f"{100 * points[-1]['val_accuracy']:.1f}%" if points else "")
     print(f"{what}: {'DIVERGED' if 'diverged' in record else 'done'} in {seconds:.0f}s "
           f"({done} iterations) {tail}", flush=True)
-    commit(args, [p["log"], p["record"], args.runs / "cpu.jsonl"],
+    commit(args, [p["log"], p["record"], p["eval"], args.runs / "cpu.jsonl"],
            f"flooding_regime: run {s['name']}")
     return record
 
@@ -369,7 +375,7 @@ def run_parallel(args, specs: list[dict], phase: str, t0: float) -> list[dict]:
             i = futures[future]
             out[i] = future.result()
             p = paths(args, specs[i]["name"])
-            commit(args, [p["log"], p["record"], args.runs / "cpu.jsonl"],
+            commit(args, [p["log"], p["record"], p["eval"], args.runs / "cpu.jsonl"],
                    f"flooding_regime: run {specs[i]['name']}")
             print(f"  {phase}: {n}/{len(todo)} runs to do, {len(specs) - len(todo)} done "
                   f"before, {(time.perf_counter() - t0) / 60:.1f} min in this session",

@@ -165,6 +165,10 @@ def test_workers_train_the_same_runs(omniglot_images, tmp_path):
         records = [json.loads(p.read_text()) for p in out.glob("*.record.json")]
         assert {r["threads"] for r in records} == ({1} if workers == 2 else
                                                    {torch.get_num_threads()})
+        # Each run is tested as it ends: the summary needs no checkpoint of a finished run.
+        tested = [json.loads(p.read_text()) for p in out.glob("*.eval.json")]
+        assert len(tested) == len(records) == 4
+        assert all(0 <= t[w]["accuracy"] <= 1 for t in tested for w in ("final", "best"))
     assert logs[1].keys() == logs[2].keys() and len(logs[1]) == 4  # 2 seeds x (b = 0, b)
     for name, log in logs[1].items():
         assert [r["iteration"] for r in log] == [r["iteration"] for r in logs[2][name]]
