@@ -331,11 +331,12 @@ def run(args, s: dict, index: str = "") -> dict:
     record.update(session_seconds=seconds, session_iterations=done,
                   seconds_per_iteration=seconds / done if done else None,
                   threads=torch.get_num_threads(), cpu_shared_share=shared)
-    atomic_write(p["record"], lambda f: f.write(json.dumps(record, indent=1).encode()))
     if "diverged" not in record:
         # Tested now, while its checkpoints are on disk: they are git-ignored, so a study
         # continued from a fresh clone has only the committed logs, records and tests.
+        # The record comes last: a run that has one has its test.
         evaluate_run(args, record, test_tasks(args))
+    atomic_write(p["record"], lambda f: f.write(json.dumps(record, indent=1).encode()))
     points = curves(read_log(p["log"]))
     tail = (f"val peak {100 * max(q['val_accuracy'] for q in points):.1f}%, final "
             f"{100 * points[-1]['val_accuracy']:.1f}%" if points else "")
